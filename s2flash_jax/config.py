@@ -1,0 +1,122 @@
+"""Run configuration: typed dataclasses, defined by Python files in configs/, overridden by dotted keys.
+
+A config file defines `get_config(arg: str | None = None) -> Config`; `path.py:arg` passes `arg`
+(variants come from the argument, not from copies of the file). Overrides are `section.key=value`
+strings, parsed with the type of the field they set; the result is re-validated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from s2flash_jax.models.sana import SanaConfig
+from s2flash_jax.precision import Precision
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """Few-step sampling settings. height/width are in latent pixels."""
+
+    steps: int = 4
+    batch_size: int = 4
+    height: int = 32
+    width: int = 32
+    guidance_scale: float = 4.5
+    seed: int = 0
+
+    def __post_init__(self):
+        for key in ("steps", "batch_size", "height", "width"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"sample.{key}={getattr(self, key)} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: SanaConfig
+    precision: Precision = Precision()
+    sample: SampleConfig = SampleConfig()
+    seed: int = 0
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> Config:
+    """Load `path/to/config.py[:arg]` and apply `key.sub=value` overrides."""
+    path_str, _, arg = spec.partition(":")
+    path = Path(path_str)
+    if not path.is_file():
+        raise ConfigError(f"config file {path_str!r} does not exist (expected a Python file such as configs/tiny.py)")
+    module_spec = importlib.util.spec_from_file_location(f"s2flash_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise ConfigError(f"config file {path_str!r} defines no get_config(arg=None) function")
+    try:
+        config = module.get_config(arg or None)
+    except ValueError as e:
+        raise ConfigError(f"{spec}: {e}") from e
+    if not isinstance(config, Config):
+        raise ConfigError(f"{path_str}: get_config returned {type(config).__name__}, expected s2flash_jax.config.Config")
+    return apply_overrides(config, overrides)
+
+
+def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        try:
+            config = _set(config, key.split("."), raw, key)
+        except ValueError as e:  # __post_init__ validation of the rebuilt section
+            raise ConfigError(f"override {item!r}: {e}") from e
+    return config
+
+
+def _set(node: Any, parts: list[str], raw: str, full_key: str) -> Any:
+    names = [f.name for f in dataclasses.fields(node)]
+    head = parts[0]
+    if head not in names:
+        close = difflib.get_close_matches(head, names, n=1)
+        prefix = full_key[: len(full_key) - len(".".join(parts))]
+        hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown config key {full_key!r}{hint}; keys here: {', '.join(names)}")
+    current = getattr(node, head)
+    if len(parts) > 1:
+        if not dataclasses.is_dataclass(current):
+            raise ConfigError(f"config key {full_key!r}: {head!r} is a value, not a section")
+        return dataclasses.replace(node, **{head: _set(current, parts[1:], raw, full_key)})
+    if dataclasses.is_dataclass(current):
+        raise ConfigError(f"config key {full_key!r} is a section; set one of its keys, e.g. {full_key}."
+                          f"{dataclasses.fields(current)[0].name}=...")
+    field_type = typing.get_type_hints(type(node))[head]
+    return dataclasses.replace(node, **{head: _parse(raw, field_type, full_key)})
+
+
+def _parse(raw: str, field_type: Any, key: str) -> Any:
+    allowed = typing.get_args(field_type) if isinstance(field_type, types.UnionType) else (field_type,)
+    if raw.lower() == "none":
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"config key {key!r} cannot be None")
+    for t in allowed:
+        if t is bool:
+            if raw.lower() in ("true", "1", "yes"):
+                return True
+            if raw.lower() in ("false", "0", "no"):
+                return False
+        elif t in (int, float, str):
+            try:
+                return t(raw)
+            except ValueError:
+                pass
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise ConfigError(f"config key {key!r} expects {names}, got {raw!r}")

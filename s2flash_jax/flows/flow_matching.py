@@ -1,0 +1,44 @@
+"""Rectified-flow (flow-matching) conventions and the teacher's ODE sampler.
+
+x_s = (1 - s)·x0 + s·noise for flow time s in [0, 1] (s = 1 is pure noise); the network predicts the
+velocity v = dx_s/ds = noise - x0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_s [B, ...], s [B]) -> v [B, ...]
+
+
+def euler_sample(velocity_fn: VelocityFn, noise: jax.Array, num_steps: int) -> jax.Array:
+    """Integrate dx/ds = v from s = 1 (noise) to s = 0 with `num_steps` uniform Euler steps.
+
+    Exact for straight-line flows (v constant along the path). noise: [B, ...] -> x0 estimate [B, ...]
+    """
+    times = jnp.linspace(1.0, 0.0, num_steps + 1)
+
+    def step(x, i):
+        s, s_next = times[i], times[i + 1]
+        v = velocity_fn(x, jnp.full((x.shape[0],), s))
+        return x + (s_next - s) * v.astype(x.dtype), None
+
+    x, _ = jax.lax.scan(step, noise, jnp.arange(num_steps))
+    return x
+
+
+def time_embedder_input(config, s: jax.Array) -> jax.Array:
+    """What a SANA transformer's time embedder is fed for flow time s in [0, 1].
+
+    The convention belongs to the diffusers pipeline that serves the model, not to the weights:
+    SANA-Sprint students (guidance_embeds=True, `SanaSprintPipeline`) see s itself; flow teachers
+    (`SanaPipeline`) see 1000·s·timestep_scale, i.e. 1000·s for base SANA and s for the Sprint
+    teacher whose config has timestep_scale=0.001 (the "dense time embedding").
+    config: SanaConfig; s: [B] -> [B]
+    """
+    if config.guidance_embeds:
+        return s
+    return s * (1000.0 * config.timestep_scale)

@@ -1,0 +1,123 @@
+"""Small building blocks shared by the models, each parameter named by logical axes.
+
+Logical axis names (mapped to mesh axes by `s2flash_jax.parallel.axes`):
+  embed      the transformer width D
+  heads      attention inner width (heads x head_dim)
+  mlp        hidden width of MLPs and of the Mix-FFN
+  caption    width of the text-encoder features fed to the caption projection
+  time_freq  width of the sinusoidal time features
+  adaln      the 6·D adaLN-single modulation vector
+  patch_in / patch_out   flattened patch (p·p·C) at the input / output
+  table      the rows of a modulation table (6 or 2)
+  conv_window            spatial and per-group input axes of a depthwise kernel
+  scalar     a width-1 output (the logvar head)
+  layers     the stacked-layer axis added by the layer scan
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from s2flash_jax.precision import Precision
+
+
+def dense(
+    in_features: int,
+    out_features: int,
+    axes: tuple[str, str],
+    *,
+    precision: Precision,
+    rngs: nnx.Rngs,
+    use_bias: bool = True,
+    kernel_init=nnx.initializers.lecun_normal(),
+) -> nnx.Linear:
+    """A Linear whose kernel [in, out] carries `axes` and whose bias [out] carries `axes[1]`."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=precision.compute,
+        param_dtype=precision.param,
+        kernel_init=nnx.with_partitioning(kernel_init, axes),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
+        rngs=rngs,
+    )
+
+
+def layer_norm(x: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm without affine parameters, statistics in float32. x: [..., D] -> float32."""
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis with a learned scale; statistics in float32.
+
+    x: [..., D] -> [..., D] in `out_dtype` (the compute dtype).
+    """
+
+    def __init__(self, dim: int, axis_name: str, *, eps: float, precision: Precision):
+        self.eps = eps
+        self.out_dtype = precision.compute
+        self.weight = nnx.Param(jnp.ones((dim,), precision.param), out_sharding=(axis_name,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return (x * self.weight[...].astype(jnp.float32)).astype(self.out_dtype)
+
+
+def modulate(x_normed: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """adaLN modulation in float32: x·(1 + scale) + shift. x: [B, N, D], shift/scale: [B, 1, D]."""
+    return x_normed * (1.0 + scale.astype(jnp.float32)) + shift.astype(jnp.float32)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis, optionally with learned weight and bias, statistics in float32.
+
+    x: [..., D] -> float32 [..., D]
+    """
+
+    def __init__(self, dim: int, *, eps: float, affine: bool, precision: Precision):
+        self.eps = eps
+        if affine:
+            self.weight = nnx.Param(jnp.ones((dim,), precision.param), out_sharding=("embed",))
+            self.bias = nnx.Param(jnp.zeros((dim,), precision.param), out_sharding=("embed",))
+        else:
+            self.weight = self.bias = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = layer_norm(x, self.eps)
+        if self.weight is not None:
+            y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y
+
+
+class DepthwiseConv(nnx.Module):
+    """Depthwise k x k convolution, stride 1, zero 'same' padding, with bias.
+
+    Computed as a sum of k·k shifted, per-channel-scaled copies of the input: XLA:CPU runs a grouped
+    `conv_general_dilated` with thousands of groups ~35x slower, and on accelerators this form is
+    as memory-bound as the conv. Kernel layout is HWIO [k, k, 1, C], as a grouped conv's.
+    x: [B, H, W, C] -> [B, H, W, C]
+    """
+
+    def __init__(self, channels: int, kernel_size: int, *, precision: Precision, rngs: nnx.Rngs):
+        init = nnx.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3)
+        self.kernel = nnx.Param(init(rngs.params(), (kernel_size, kernel_size, 1, channels), precision.param),
+                                out_sharding=("conv_window", "conv_window", "conv_window", "mlp"))
+        self.bias = nnx.Param(jnp.zeros((channels,), precision.param), out_sharding=("mlp",))
+        self.compute_dtype = precision.compute
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.compute_dtype)
+        kernel = self.kernel[...].astype(self.compute_dtype)
+        k = kernel.shape[0]
+        height, width = x.shape[1:3]
+        padded = jnp.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
+        out = sum(padded[:, i:i + height, j:j + width, :] * kernel[i, j, 0] for i in range(k) for j in range(k))
+        return out + self.bias[...].astype(self.compute_dtype)

@@ -1,0 +1,293 @@
+"""The SANA / SANA-Sprint linear diffusion transformer (teacher and student), in Flax NNX.
+
+Numerically the architecture of diffusers' `SanaTransformer2DModel`; images are NHWC and the
+model returns the flow-matching velocity in float32. `SanaConfig` carries diffusers'
+`config.json` keys one to one (plus two keys of our own, see the dataclass).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+import einops
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from s2flash_jax.models.attention import CrossAttention, LinearSelfAttention
+from s2flash_jax.models.embeddings import CaptionProjection, TimestepMLP, sincos_pos_embed_2d, timestep_sinusoid
+from s2flash_jax.models.layers import DepthwiseConv, LayerNorm, RMSNorm, dense, layer_norm, modulate
+from s2flash_jax.precision import Precision
+
+QK_NORM_KINDS = (None, "rms_norm_across_heads")
+
+
+@dataclasses.dataclass(frozen=True)
+class SanaConfig:
+    """Architecture of a SANA transformer: diffusers' keys, names and defaults.
+
+    Keys of our own (absent from diffusers' config.json, dropped on export):
+      logvar_head: add SANA-Sprint's `logvar_linear` head (D -> 1 on the time embedding), used by the
+        sCM loss's adaptive weighting.
+      linear_attention_eps: the normaliser epsilon of linear attention (diffusers 1e-15; the original
+        NVlabs `LiteLA` uses 1e-8).
+    """
+
+    in_channels: int = 32
+    out_channels: int | None = 32
+    num_attention_heads: int = 70
+    attention_head_dim: int = 32
+    num_layers: int = 20
+    num_cross_attention_heads: int | None = 20
+    cross_attention_head_dim: int | None = 112
+    cross_attention_dim: int | None = 2240
+    caption_channels: int = 2304
+    mlp_ratio: float = 2.5
+    dropout: float = 0.0
+    attention_bias: bool = False
+    sample_size: int = 32
+    patch_size: int = 1
+    norm_elementwise_affine: bool = False
+    norm_eps: float = 1e-6
+    interpolation_scale: float | None = None
+    guidance_embeds: bool = False
+    guidance_embeds_scale: float = 0.1
+    qk_norm: str | None = None
+    timestep_scale: float = 1.0
+    # Ours, not diffusers'.
+    logvar_head: bool = False
+    linear_attention_eps: float = 1e-15
+
+    OWN_KEYS = ("logvar_head", "linear_attention_eps")
+
+    def __post_init__(self):
+        problems = []
+        if self.qk_norm not in QK_NORM_KINDS:
+            problems.append(f"qk_norm={self.qk_norm!r} is not supported; expected one of {QK_NORM_KINDS}")
+        if self.dropout != 0.0:
+            problems.append(f"dropout={self.dropout} is not supported; SANA models are trained with 0.0")
+        for key in ("num_cross_attention_heads", "cross_attention_head_dim", "cross_attention_dim"):
+            if getattr(self, key) is None:
+                problems.append(f"{key}=None is not supported; SANA blocks always have cross-attention")
+        for key in ("in_channels", "num_attention_heads", "attention_head_dim", "num_layers", "caption_channels",
+                    "sample_size", "patch_size"):
+            if getattr(self, key) < 1:
+                problems.append(f"{key}={getattr(self, key)} must be >= 1")
+        if self.interpolation_scale is not None and self.inner_dim % 4:
+            problems.append(f"a positional embedding needs the width (heads x head_dim = {self.inner_dim}) "
+                            "divisible by 4")
+        if problems:
+            raise ValueError("invalid SanaConfig: " + "; ".join(problems))
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def output_channels(self) -> int:
+        return self.out_channels or self.in_channels
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        return int(self.mlp_ratio * self.inner_dim)
+
+    @classmethod
+    def from_diffusers(cls, config: dict[str, Any], **own_keys) -> SanaConfig:
+        """Build from a diffusers `config.json` dict; keys starting with '_' are diffusers bookkeeping."""
+        fields = {f.name for f in dataclasses.fields(cls)} - set(cls.OWN_KEYS)
+        values = {k: v for k, v in config.items() if not k.startswith("_")}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            hints = {k: difflib.get_close_matches(k, fields, n=1) for k in unknown}
+            listed = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+            raise ValueError(f"diffusers config has keys SanaTransformer2DModel does not define: {listed}")
+        return cls(**values, **own_keys)
+
+    def to_diffusers(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.OWN_KEYS}
+
+
+class TimeEmbedding(nnx.Module):
+    """Time (+ optional guidance) embedding and the shared adaLN-single projection.
+
+    timestep: [B], guidance: [B] or None -> (modulation [B, 6D], temb [B, D])
+    """
+
+    def __init__(self, dim: int, guidance_embeds: bool, *, precision: Precision, rngs: nnx.Rngs):
+        self.timestep_embedder = TimestepMLP(dim, precision=precision, rngs=rngs)
+        self.guidance_embedder = TimestepMLP(dim, precision=precision, rngs=rngs) if guidance_embeds else None
+        self.linear = dense(dim, 6 * dim, ("embed", "adaln"), precision=precision, rngs=rngs,
+                            kernel_init=nnx.initializers.normal(0.02))
+
+    def __call__(self, timestep: jax.Array, guidance: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        temb = self.timestep_embedder(timestep_sinusoid(timestep))
+        if self.guidance_embedder is not None:
+            temb = temb + self.guidance_embedder(timestep_sinusoid(guidance))
+        return self.linear(jax.nn.silu(temb)), temb
+
+
+class PatchEmbed(nnx.Module):
+    """p x p patches -> tokens (a strided conv as a matmul), plus the optional sin-cos position embedding.
+
+    x: [B, H, W, C] -> [B, (H/p)·(W/p), D]
+    """
+
+    def __init__(self, config: SanaConfig, *, precision: Precision, rngs: nnx.Rngs):
+        p = config.patch_size
+        self.patch_size = p
+        self.base_size = config.sample_size // p
+        self.interpolation_scale = config.interpolation_scale
+        self.proj = dense(p * p * config.in_channels, config.inner_dim, ("patch_in", "embed"), precision=precision,
+                          rngs=rngs, kernel_init=nnx.initializers.xavier_uniform())
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        p = self.patch_size
+        tokens = self.proj(einops.rearrange(x, "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p))
+        if self.interpolation_scale is None:
+            return tokens
+        pos = sincos_pos_embed_2d(tokens.shape[-1], x.shape[1] // p, x.shape[2] // p, self.base_size,
+                                  self.interpolation_scale)
+        return (tokens.astype(jnp.float32) + pos[None]).astype(tokens.dtype)
+
+
+class GLUMBConv(nnx.Module):
+    """SANA's Mix-FFN: 1x1 expand -> SiLU -> depthwise 3x3 -> gated (value·SiLU(gate)) -> 1x1 project.
+
+    x: [B, H, W, D] -> [B, H, W, D]
+    """
+
+    def __init__(self, dim: int, hidden: int, *, precision: Precision, rngs: nnx.Rngs):
+        self.conv_inverted = dense(dim, 2 * hidden, ("embed", "mlp"), precision=precision, rngs=rngs)
+        self.conv_depth = DepthwiseConv(2 * hidden, 3, precision=precision, rngs=rngs)
+        self.conv_point = dense(hidden, dim, ("mlp", "embed"), use_bias=False, precision=precision, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.conv_depth(jax.nn.silu(self.conv_inverted(x)))
+        value, gate = jnp.split(h, 2, axis=-1)
+        return self.conv_point(value * jax.nn.silu(gate))
+
+
+class SanaBlock(nnx.Module):
+    """adaLN-single modulated linear self-attention, unmodulated cross-attention, modulated Mix-FFN.
+
+    h: [B, N, D], modulation: [B, 6D], caption: [B, L, D], caption_mask: [B, L] -> [B, N, D]
+    """
+
+    def __init__(self, config: SanaConfig, *, precision: Precision, rngs: nnx.Rngs):
+        dim = config.inner_dim
+        qk_norm = config.qk_norm is not None
+        self.norm_eps = config.norm_eps
+        self.scale_shift_table = nnx.Param(
+            jax.random.normal(rngs.params(), (6, dim), precision.param) / dim**0.5, out_sharding=("table", "embed"))
+        self.attn1 = LinearSelfAttention(
+            dim, config.num_attention_heads, config.attention_head_dim, bias=config.attention_bias, qk_norm=qk_norm,
+            eps=config.linear_attention_eps, precision=precision, rngs=rngs)
+        self.attn2 = CrossAttention(
+            dim, config.cross_attention_dim, config.num_cross_attention_heads, config.cross_attention_head_dim,
+            qk_norm=qk_norm, precision=precision, rngs=rngs)
+        # PixArt/SANA start every block as the identity on the text path.
+        self.attn2.to_out.kernel[...] = jnp.zeros_like(self.attn2.to_out.kernel[...])
+        self.norm2 = LayerNorm(dim, eps=config.norm_eps, affine=config.norm_elementwise_affine, precision=precision)
+        self.ff = GLUMBConv(dim, config.ffn_hidden_dim, precision=precision, rngs=rngs)
+
+    def __call__(self, h: jax.Array, modulation: jax.Array, caption: jax.Array, caption_mask: jax.Array | None,
+                 grid: tuple[int, int]) -> jax.Array:
+        # Modulation in float32; the residual stream stays in the compute dtype.
+        table = self.scale_shift_table[...].astype(jnp.float32)[None] + einops.rearrange(
+            modulation.astype(jnp.float32), "b (six d) -> b six d", six=6)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(table, 6, axis=1)
+        u = modulate(layer_norm(h, self.norm_eps), shift_msa, scale_msa).astype(h.dtype)
+        h = h + (gate_msa * self.attn1(u)).astype(h.dtype)
+        h = h + self.attn2(h, caption, caption_mask)
+        u = modulate(self.norm2(h), shift_mlp, scale_mlp).astype(h.dtype)
+        u = einops.rearrange(u, "b (h w) d -> b h w d", h=grid[0], w=grid[1])
+        ff = einops.rearrange(self.ff(u), "b h w d -> b (h w) d")
+        return h + (gate_mlp * ff).astype(h.dtype)
+
+
+class SanaTransformer(nnx.Module):
+    """The SANA linear DiT. Blocks are stacked on a leading `layers` axis and run with a scan
+    (one compiled block, whatever the depth).
+
+    __call__(x, timestep, caption, caption_mask=None, guidance=None) -> velocity
+      x: [B, H, W, C_in] latents (H, W multiples of patch_size)
+      timestep: [B] or scalar flow time as the time embedder sees it
+      caption: [B, L, caption_channels]; caption_mask: [B, L] 1 = token, 0 = padding
+      guidance: [B] guidance-embedder input (already times guidance_embeds_scale), required iff
+        config.guidance_embeds
+      returns [B, H, W, C_out] float32, and with return_logvar=True also logvar [B] float32.
+    """
+
+    def __init__(self, config: SanaConfig, *, precision: Precision = Precision(), rngs: nnx.Rngs):
+        self.config = config
+        self.precision = precision
+        dim = config.inner_dim
+        p = config.patch_size
+        # Parameters carry logical axis names only; parallel/ maps them to a mesh when it shards.
+        with nnx.use_eager_sharding(False):
+            self.patch_embed = PatchEmbed(config, precision=precision, rngs=rngs)
+            self.time_embed = TimeEmbedding(dim, config.guidance_embeds, precision=precision, rngs=rngs)
+            self.caption_projection = CaptionProjection(config.caption_channels, dim, precision=precision, rngs=rngs)
+            self.caption_norm = RMSNorm(dim, "embed", eps=1e-5, precision=precision)
+            self.transformer_blocks = _stacked_blocks(config, precision, rngs)
+            self.scale_shift_table = nnx.Param(
+                jax.random.normal(rngs.params(), (2, dim), precision.param) / dim**0.5,
+                out_sharding=("table", "embed"))
+            self.proj_out = dense(dim, p * p * config.output_channels, ("embed", "patch_out"), precision=precision,
+                                  rngs=rngs, kernel_init=nnx.initializers.zeros_init())
+            self.logvar_linear = (
+                dense(dim, 1, ("embed", "scalar"), precision=precision, rngs=rngs,
+                      kernel_init=nnx.initializers.xavier_uniform())
+                if config.logvar_head else None)
+
+    def __call__(self, x: jax.Array, timestep: jax.Array, caption: jax.Array, caption_mask: jax.Array | None = None,
+                 guidance: jax.Array | None = None, *, return_logvar: bool = False):
+        cfg = self.config
+        batch, height, width, channels = x.shape
+        p = cfg.patch_size
+        if height % p or width % p or channels != cfg.in_channels:
+            raise ValueError(f"latents {x.shape} do not fit the model: expected [B, H, W, {cfg.in_channels}] with "
+                             f"H and W multiples of patch_size={p}")
+        if (guidance is None) == cfg.guidance_embeds:
+            raise ValueError("guidance must be given exactly when the config has guidance_embeds=True "
+                             f"(guidance_embeds={cfg.guidance_embeds}, guidance given: {guidance is not None})")
+        if return_logvar and self.logvar_linear is None:
+            raise ValueError("return_logvar=True needs a model built with logvar_head=True")
+        timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (batch,))
+        if guidance is not None:
+            guidance = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (batch,))
+        compute = self.precision.compute
+
+        h = self.patch_embed(x.astype(compute))
+        modulation, temb = self.time_embed(timestep, guidance)
+        caption = self.caption_norm(self.caption_projection(caption.astype(compute)))
+        grid = (height // p, width // p)
+
+        graphdef, stacked = nnx.split(self.transformer_blocks)
+
+        def run_block(h, block_state):
+            return nnx.merge(graphdef, block_state)(h, modulation, caption, caption_mask, grid), None
+
+        h, _ = jax.lax.scan(run_block, h, stacked)
+
+        shift, scale = jnp.split(self.scale_shift_table[...].astype(jnp.float32)[None]
+                                 + temb.astype(jnp.float32)[:, None], 2, axis=1)
+        h = modulate(layer_norm(h, 1e-6), shift, scale).astype(compute)
+        out = einops.rearrange(self.proj_out(h), "b (h w) (p q c) -> b (h p) (w q) c", h=grid[0], p=p, q=p)
+        out = out.astype(jnp.float32)
+        if return_logvar:
+            return out, self.logvar_linear(temb)[:, 0].astype(jnp.float32)
+        return out
+
+
+def _stacked_blocks(config: SanaConfig, precision: Precision, rngs: nnx.Rngs) -> SanaBlock:
+    """num_layers SanaBlocks whose parameters are stacked on a leading axis named `layers`."""
+
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs):
+        return SanaBlock(config, precision=precision, rngs=rngs)
+
+    return make(rngs)

@@ -1,0 +1,50 @@
+"""Writing run outputs without losing anything: nothing overwritten unless asked, nothing half-written."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+class OutputExists(FileExistsError):
+    pass
+
+
+@contextlib.contextmanager
+def fresh_output_dir(path: str | Path, *, force: bool) -> Iterator[Path]:
+    """Yield a temporary directory that replaces `path` only if the block finishes without error.
+
+    An existing non-empty `path` is an error unless force=True.
+    """
+    path = Path(path)
+    if path.exists() and (path.is_file() or any(path.iterdir())):
+        if not force:
+            raise OutputExists(f"output {str(path)!r} already exists and is not empty; pass --force to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if path.exists():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    staging.rename(path)
+
+
+def image_grid(images: np.ndarray, columns: int | None = None) -> Image.Image:
+    """images: [N, H, W, 3] floats in [0, 1] -> one PIL image, row-major grid with 2-pixel gutters."""
+    n, h, w, _ = images.shape
+    columns = columns or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / columns))
+    grid = np.ones((rows * (h + 2) + 2, columns * (w + 2) + 2, 3), np.float32)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = image
+    return Image.fromarray((np.clip(grid, 0.0, 1.0) * 255).round().astype(np.uint8))

@@ -1,0 +1,45 @@
+"""The numerics policy: which dtype each kind of computation runs in.
+
+Master weights and compute dtype are configurable; the parts that lose
+accuracy in low precision are fixed to float32 by the code that computes them
+and listed here so there is one place to read them:
+
+- layer/RMS norms (statistics and normalisation),
+- the softmax of cross-attention,
+- the key-value reduction and normaliser of linear attention,
+- sinusoidal time / guidance features (their argument and their values),
+- the model output (velocities leave the network in float32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """param_dtype: dtype of the stored weights; compute_dtype: matmul/activation dtype."""
+
+    param_dtype: str = "float32"
+    compute_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        for name in ("param_dtype", "compute_dtype"):
+            value = getattr(self, name)
+            if value not in _DTYPES:
+                raise ValueError(f"precision.{name}={value!r} is not a dtype; expected one of {sorted(_DTYPES)}")
+
+    @property
+    def param(self):
+        return _DTYPES[self.param_dtype]
+
+    @property
+    def compute(self):
+        return _DTYPES[self.compute_dtype]
+
+
+FP32 = Precision(param_dtype="float32", compute_dtype="float32")

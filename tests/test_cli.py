@@ -1,0 +1,48 @@
+"""`s2flash sample` end to end on the tiny config, and its refusals."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from s2flash_jax.cli import main
+from tests.conftest import REPO
+
+
+def test_sample_writes_latents_preview_and_config(tmp_path, capsys):
+    out = tmp_path / "sample"
+    rc = main(["sample", "--config", str(REPO / "configs/tiny.py"), "--out", str(out), "sample.batch_size=2",
+               "sample.steps=2"])
+    assert rc == 0
+    latents = np.load(out / "latents.npy")
+    assert latents.shape == (2, 8, 8, 4) and np.isfinite(latents).all()
+    assert (out / "preview.png").stat().st_size > 0
+    assert json.loads((out / "config.json").read_text())["sample"]["steps"] == 2
+    assert "wrote" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["sample"]  # no staging directory left behind
+
+
+def test_sample_refuses_to_overwrite_without_force(tmp_path, capsys):
+    out = tmp_path / "sample"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    rc = main(["sample", "--config", str(REPO / "configs/tiny.py"), "--out", str(out)])
+    assert rc == 2
+    assert "already exists and is not empty; pass --force" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main(["sample", "--config", str(REPO / "configs/tiny.py"), "--out", str(out), "--force",
+                 "sample.batch_size=1", "sample.steps=1"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "latents.npy", "preview.png"]
+
+
+def test_bad_override_fails_before_writing(tmp_path):
+    out = tmp_path / "sample"
+    result = subprocess.run([sys.executable, "-m", "s2flash_jax.cli", "sample", "--config",
+                             str(REPO / "configs/tiny.py"), "--out", str(out), "sample.stepz=2"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "s2flash sample: error: override 'sample.stepz=2': unknown config key 'sample.stepz' "
+        "(did you mean 'sample.steps'?); keys here: steps, batch_size, height, width, guidance_scale, seed"]
+    assert not out.exists()
