@@ -1,7 +1,9 @@
 """`s2flash sample`: few-step sampling from a SANA transformer, written to an output directory.
 
-Until a checkpoint format and a text encoder land, the model is randomly initialised from the config
-and conditioned on an empty (all-zero, one-token) caption; the output is a preview of the latents.
+A SANA-Sprint student (guidance embedding) is sampled as `SanaSprintPipeline` does: TrigFlow wrapper
+and multistep consistency sampling. A flow teacher is integrated with Euler steps as `SanaPipeline`
+(without guidance). Until a checkpoint format and a text encoder land, the model is randomly
+initialised from the config and conditioned on an empty (all-zero, one-token) caption.
 """
 
 from __future__ import annotations
@@ -18,15 +20,17 @@ from flax import nnx
 
 from s2flash_jax.config import Config
 from s2flash_jax.flows.flow_matching import euler_sample, time_embedder_input
+from s2flash_jax.flows.trigflow import SIGMA_DATA, scm_sample, scm_timesteps, trigflow_from_flow_matching
 from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.outputs import fresh_output_dir, image_grid
 
 
 def sample_latents(model: SanaTransformer, config: Config) -> jax.Array:
-    """Integrate the model's flow from seeded noise. Returns latents [B, H, W, C_out]."""
+    """Sample from seeded noise. Returns unit-scale latents [B, H, W, C_out]."""
     mcfg, scfg = model.config, config.sample
     batch = scfg.batch_size
-    noise = jax.random.normal(jax.random.key(scfg.seed), (batch, scfg.height, scfg.width, mcfg.in_channels))
+    noise_key, sampler_key = jax.random.split(jax.random.key(scfg.seed))
+    noise = jax.random.normal(noise_key, (batch, scfg.height, scfg.width, mcfg.in_channels))
     caption = jnp.zeros((batch, 1, mcfg.caption_channels))
     caption_mask = jnp.ones((batch, 1), jnp.int32)
     guidance = (jnp.full((batch,), scfg.guidance_scale * mcfg.guidance_embeds_scale)
@@ -36,7 +40,14 @@ def sample_latents(model: SanaTransformer, config: Config) -> jax.Array:
     @jax.jit
     def run(state, noise):
         net = nnx.merge(graphdef, state)
-        return euler_sample(lambda x, s: net(x, time_embedder_input(mcfg, s), caption, caption_mask, guidance), noise, scfg.steps)
+
+        def velocity(x, s):
+            return net(x, time_embedder_input(mcfg, s), caption, caption_mask, guidance)
+
+        if mcfg.guidance_embeds:
+            times = scm_timesteps(scfg.steps)
+            return scm_sample(trigflow_from_flow_matching(velocity), noise, sampler_key, times) / SIGMA_DATA
+        return euler_sample(velocity, noise, scfg.steps, shift=scfg.flow_shift)
 
     return run(state, noise)
 

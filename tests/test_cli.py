@@ -36,6 +36,13 @@ def test_sample_refuses_to_overwrite_without_force(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "latents.npy", "preview.png"]
 
 
+def test_teacher_variant_samples_with_the_flow_sampler(tmp_path):
+    out = tmp_path / "teacher"
+    assert main(["sample", "--config", str(REPO / "configs/tiny.py:teacher"), "--out", str(out),
+                 "sample.batch_size=1", "sample.flow_shift=3.0"]) == 0
+    assert np.isfinite(np.load(out / "latents.npy")).all()
+
+
 def test_bad_override_fails_before_writing(tmp_path):
     out = tmp_path / "sample"
     result = subprocess.run([sys.executable, "-m", "s2flash_jax.cli", "sample", "--config",
@@ -44,5 +51,5 @@ def test_bad_override_fails_before_writing(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "s2flash sample: error: override 'sample.stepz=2': unknown config key 'sample.stepz' "
-        "(did you mean 'sample.steps'?); keys here: steps, batch_size, height, width, guidance_scale, seed"]
+        "(did you mean 'sample.steps'?); keys here: steps, batch_size, height, width, guidance_scale, flow_shift, seed"]
     assert not out.exists()

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from s2flash_jax.flows.flow_matching import euler_sample, time_embedder_input
+from s2flash_jax.flows.flow_matching import (
+    classifier_free_guidance, euler_sample, shifted_times, time_embedder_input)
 from s2flash_jax.models.sana import SanaConfig
 
 
@@ -27,6 +28,22 @@ def test_euler_follows_the_exact_gaussian_flow(sigma):
     fine = euler_sample(gaussian_velocity(sigma), noise, 4096)
     np.testing.assert_allclose(fine, sigma * noise, rtol=1e-3, atol=1e-3)
     assert jnp.abs(coarse - sigma * noise).max() > jnp.abs(fine - sigma * noise).max()
+
+
+def test_shifted_schedule_converges_to_the_same_flow_map():
+    noise = jax.random.normal(jax.random.key(0), (64, 3))
+    shifted = euler_sample(gaussian_velocity(2.0), noise, 4096, shift=3.0)
+    np.testing.assert_allclose(shifted, 2.0 * noise, rtol=1e-3, atol=1e-3)
+    times = shifted_times(4, 3.0)
+    np.testing.assert_allclose(times, [1.0, 0.9, 0.75, 0.5, 0.0], atol=1e-6)  # 3s / (1 + 2s) at s = 1, .75, .5, .25, 0
+    np.testing.assert_allclose(shifted_times(4), jnp.linspace(1.0, 0.0, 5))
+
+
+def test_classifier_free_guidance_per_example_scale():
+    uncond, cond = jnp.zeros((2, 2, 2)), jnp.ones((2, 2, 2))
+    out = classifier_free_guidance(uncond, cond, jnp.array([1.0, 4.5]))
+    np.testing.assert_allclose(out[0], 1.0)
+    np.testing.assert_allclose(out[1], 4.5)
 
 
 def test_one_euler_step_is_exact_for_a_straight_flow():
