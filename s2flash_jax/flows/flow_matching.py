@@ -14,6 +14,11 @@ import jax.numpy as jnp
 VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_s [B, ...], s [B]) -> v [B, ...]
 
 
+def per_example(values: jax.Array, like: jax.Array) -> jax.Array:
+    """values: [B] (or a scalar) -> [B, 1, ..., 1] to broadcast against `like` [B, ...]."""
+    return values.reshape(values.shape + (1,) * (like.ndim - values.ndim))
+
+
 def shifted_times(num_steps: int, shift: float = 1.0) -> jax.Array:
     """num_steps + 1 flow times from 1 to 0, uniform then warped by s' = shift·s / (1 + (shift - 1)·s).
 
@@ -25,8 +30,7 @@ def shifted_times(num_steps: int, shift: float = 1.0) -> jax.Array:
 
 def classifier_free_guidance(uncond: jax.Array, cond: jax.Array, scale: jax.Array | float) -> jax.Array:
     """uncond + scale·(cond − uncond), with a scalar or per-example scale [B]."""
-    scale = jnp.asarray(scale, jnp.float32)
-    scale = scale.reshape(scale.shape + (1,) * (cond.ndim - scale.ndim))
+    scale = per_example(jnp.asarray(scale, jnp.float32), cond)
     return uncond + scale * (cond - uncond)
 
 

@@ -14,16 +14,13 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from s2flash_jax.flows.flow_matching import per_example
+
 MAX_TIME = 1.57080  # π/2 as SANA-Sprint and diffusers' SCMScheduler write it
 SIGMA_DATA = 0.5
 
 FlowVelocityFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_flow [B, ...], s [B]) -> v
 TrigFlowFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t/σ_d [B, ...], t [B]) -> F
-
-
-def _per_example(t: jax.Array, x: jax.Array) -> jax.Array:
-    """t: [B] -> [B, 1, ..., 1] to broadcast against x."""
-    return t.reshape(t.shape + (1,) * (x.ndim - 1))
 
 
 def flow_time(t: jax.Array) -> jax.Array:
@@ -42,7 +39,7 @@ def trigflow_from_flow_matching(flow_velocity: FlowVelocityFn) -> TrigFlowFn:
 
     def trigflow(x_hat: jax.Array, t: jax.Array) -> jax.Array:
         s = flow_time(t)
-        sb = _per_example(s, x_hat)
+        sb = per_example(s, x_hat)
         norm = jnp.sqrt(sb**2 + (1 - sb) ** 2)
         x_flow = x_hat.astype(jnp.float32) * norm
         v = flow_velocity(x_flow, s).astype(jnp.float32)
@@ -53,7 +50,7 @@ def trigflow_from_flow_matching(flow_velocity: FlowVelocityFn) -> TrigFlowFn:
 
 def consistency_fn(model: TrigFlowFn, x_t: jax.Array, t: jax.Array, sigma_data: float = SIGMA_DATA) -> jax.Array:
     """f(x_t, t) = cos t·x_t − sin t·σ_d·F(x_t/σ_d, t): the student's estimate of x0."""
-    tb = _per_example(t.astype(jnp.float32), x_t)
+    tb = per_example(t.astype(jnp.float32), x_t)
     return jnp.cos(tb) * x_t - jnp.sin(tb) * sigma_data * model(x_t / sigma_data, t)
 
 
@@ -84,7 +81,6 @@ def scm_sample(model: TrigFlowFn, noise: jax.Array, key: jax.Array, times: Seque
     noise: [B, ...] ~ N(0, 1) (scaled by σ_d here); returns the final x0 estimate (TrigFlow data scale).
     """
     x = noise * sigma_data
-    x0 = x
     keys = jax.random.split(key, len(times))
     for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
         x0 = consistency_fn(model, x, jnp.full((x.shape[0],), t, jnp.float32), sigma_data)
