@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -43,3 +44,8 @@ class Precision:
 
 
 FP32 = Precision(param_dtype="float32", compute_dtype="float32")
+
+
+def at_least_fp32(x: jax.Array) -> jax.Array:
+    """x in float32, or kept wider (float64 when x64 is on, so derivative checks can use it)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))

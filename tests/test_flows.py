@@ -8,16 +8,12 @@ import pytest
 from s2flash_jax.flows.flow_matching import (
     classifier_free_guidance, euler_sample, shifted_times, time_embedder_input)
 from s2flash_jax.models.sana import SanaConfig
+from tests.gaussian import DiagonalGaussian
 
 
 def gaussian_velocity(sigma: float):
-    """Exact flow-matching velocity E[noise - x0 | x_s] for data x0 ~ N(0, sigma^2), noise ~ N(0, 1)."""
-
-    def v(x, s):
-        s = s[:, None]
-        return x * (s - (1 - s) * sigma**2) / ((1 - s) ** 2 * sigma**2 + s**2)
-
-    return v
+    """Exact flow-matching velocity for data x0 ~ N(0, sigma^2), noise ~ N(0, 1)."""
+    return DiagonalGaussian(0.0, sigma).flow_velocity
 
 
 @pytest.mark.parametrize("sigma", [0.5, 2.0])

@@ -8,24 +8,12 @@ import pytest
 from s2flash_jax.flows.trigflow import (
     MAX_TIME, consistency_fn, flow_time, scm_sample, scm_timesteps, trigflow_from_flow_matching)
 
+from tests.gaussian import DiagonalGaussian
+
 MU = jnp.array([1.5, -0.5, 0.0])
 SIGMA = jnp.array([0.3, 1.0, 2.0])  # per-dimension std of the unit-scale data x̂0
-
-
-def flow_velocity(x, s):
-    """E[ε - x̂0 | x_s] for x_s = (1-s)·x̂0 + s·ε, x̂0 ~ N(MU, diag SIGMA²)."""
-    s = s[:, None]
-    mean, var = (1 - s) * MU, (1 - s) ** 2 * SIGMA**2 + s**2
-    r = (x - mean) / var
-    return s * r - MU - (1 - s) * SIGMA**2 * r
-
-
-def trigflow_velocity(x_hat, t):
-    """E[-sin t·x̂0 + cos t·ε | x̂_t] for x̂_t = cos t·x̂0 + sin t·ε."""
-    t = t[:, None]
-    mean, var = jnp.cos(t) * MU, jnp.cos(t) ** 2 * SIGMA**2 + jnp.sin(t) ** 2
-    r = (x_hat - mean) / var
-    return -jnp.sin(t) * (MU + jnp.cos(t) * SIGMA**2 * r) + jnp.cos(t) * jnp.sin(t) * r
+DATA = DiagonalGaussian(MU, SIGMA)
+flow_velocity, trigflow_velocity = DATA.flow_velocity, DATA.trigflow_velocity
 
 
 def test_flow_time_mapping():
@@ -67,14 +55,7 @@ def test_sampler_with_an_exact_one_step_model_reproduces_the_data_distribution(s
     x̂0 = MU + SIGMA·(x̂_t − cos t·MU)/√(cos²t·SIGMA² + sin²t); F is solved from f = cos t·x_t − sin t·σ_d·F.
     """
     sigma_d = 0.5
-
-    def exact_f_as_trigflow(x_hat, t):
-        tb = t[:, None]
-        std = jnp.sqrt(jnp.cos(tb) ** 2 * SIGMA**2 + jnp.sin(tb) ** 2)
-        x0_hat = MU + SIGMA * (x_hat - jnp.cos(tb) * MU) / std
-        # invert f = cos t·x_t − sin t·σ_d·F for F, in unit scale (x_t = σ_d·x̂)
-        return (jnp.cos(tb) * x_hat - x0_hat) / jnp.sin(tb)
-
+    exact_f_as_trigflow = DATA.consistency_as_trigflow
     noise = jax.random.normal(jax.random.key(2), (20000, 3))
     x0 = scm_sample(exact_f_as_trigflow, noise, jax.random.key(3), scm_timesteps(steps), sigma_d) / sigma_d
     np.testing.assert_allclose(x0.mean(0), MU, atol=0.05)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from s2flash_jax.flows.flow_matching import per_example
+from s2flash_jax.precision import at_least_fp32
 
 MAX_TIME = 1.57080  # π/2 as SANA-Sprint and diffusers' SCMScheduler write it
 SIGMA_DATA = 0.5
@@ -25,32 +26,64 @@ TrigFlowFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t/σ_d [B, ...], 
 
 def flow_time(t: jax.Array) -> jax.Array:
     """TrigFlow time t -> rectified-flow time s = sin t / (sin t + cos t); 0 -> 0, π/4 -> 1/2, π/2 -> 1."""
-    t = t.astype(jnp.float32)
+    t = at_least_fp32(t)
     return jnp.sin(t) / (jnp.sin(t) + jnp.cos(t))
 
 
-def trigflow_from_flow_matching(flow_velocity: FlowVelocityFn) -> TrigFlowFn:
+def flow_input(x_hat: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The flow-matching state and time that hold the same data and noise as TrigFlow (x̂_t, t).
+
+    x_flow = x̂·√(s² + (1-s)²) = (1-s)·x̂0 + s·ε with s = flow_time(t). x_hat: [B, ...]; t: [B].
+    """
+    s = flow_time(t)
+    return at_least_fp32(x_hat) * _flow_norm(s, x_hat), s
+
+
+def _flow_norm(s, like):
+    sb = per_example(s, like)
+    return jnp.sqrt(sb**2 + (1 - sb) ** 2)
+
+
+def trigflow_from_flow_matching(flow_velocity: FlowVelocityFn, *, has_aux: bool = False) -> TrigFlowFn:
     """Wrap a flow-matching velocity net (x_s = (1-s)·x0 + s·ε, v = ε - x0) as a TrigFlow F.
 
-    Exact, no training: x_flow = x̂·√(s² + (1-s)²) is the flow state with the same data and noise,
-    and F = [(1-2s)·x_flow + (1-2s+2s²)·v] / √(s² + (1-s)²) = -sin t·x̂0 + cos t·ε.
-    All scalings in float32; `flow_velocity` decides its own compute dtype.
+    Exact, no training: run the net on `flow_input(x̂, t)` and map its velocity to
+    F = [(1-2s)·x_flow + (1-2s+2s²)·v] / √(s² + (1-s)²) = -sin t·x̂0 + cos t·ε.
+    All scalings in float32; `flow_velocity` decides its own compute dtype. With has_aux the net
+    returns (v, aux) and the wrapper (F, aux), e.g. the student's logvar.
     """
 
-    def trigflow(x_hat: jax.Array, t: jax.Array) -> jax.Array:
-        s = flow_time(t)
-        sb = per_example(s, x_hat)
-        norm = jnp.sqrt(sb**2 + (1 - sb) ** 2)
-        x_flow = x_hat.astype(jnp.float32) * norm
-        v = flow_velocity(x_flow, s).astype(jnp.float32)
-        return ((1 - 2 * sb) * x_flow + (1 - 2 * sb + 2 * sb**2) * v) / norm
+    def trigflow(x_hat: jax.Array, t: jax.Array):
+        x_flow, s = flow_input(x_hat, t)
+        out = flow_velocity(x_flow, s)
+        v, aux = out if has_aux else (out, None)
+        sb, norm = per_example(s, x_hat), _flow_norm(s, x_hat)
+        f = ((1 - 2 * sb) * x_flow + (1 - 2 * sb + 2 * sb**2) * v.astype(x_flow.dtype)) / norm
+        return (f, aux) if has_aux else f
 
     return trigflow
 
 
+def lognormal_times(key: jax.Array, batch: int, p_mean: float, p_std: float,
+                    sigma_data: float = SIGMA_DATA) -> jax.Array:
+    """Training times [B]: t = arctan(exp(p_mean + p_std·n) / σ_d), n ~ N(0, 1).
+
+    σ_d·tan t (the noise-to-signal ratio) is log-normal; SANA-Sprint calls this
+    `logit_normal_trigflow` and uses (0.2, 1.6) for the student and (-0.6, 1.0) for the discriminator.
+    """
+    n = jax.random.normal(key, (batch,), jnp.float32)
+    return jnp.arctan(jnp.exp(p_mean + p_std * n) / sigma_data)
+
+
+def noised(x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+    """x_t = cos t·x0 + sin t·noise, with noise ~ N(0, σ_d²) already scaled. x0, noise: [B, ...]; t: [B]."""
+    tb = per_example(at_least_fp32(t), x0)
+    return jnp.cos(tb) * x0 + jnp.sin(tb) * noise
+
+
 def consistency_fn(model: TrigFlowFn, x_t: jax.Array, t: jax.Array, sigma_data: float = SIGMA_DATA) -> jax.Array:
     """f(x_t, t) = cos t·x_t − sin t·σ_d·F(x_t/σ_d, t): the student's estimate of x0."""
-    tb = per_example(t.astype(jnp.float32), x_t)
+    tb = per_example(at_least_fp32(t), x_t)
     return jnp.cos(tb) * x_t - jnp.sin(tb) * sigma_data * model(x_t / sigma_data, t)
 
 

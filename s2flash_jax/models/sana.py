@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Sequence
 from typing import Any
 
 import einops
@@ -244,6 +245,41 @@ class SanaTransformer(nnx.Module):
 
     def __call__(self, x: jax.Array, timestep: jax.Array, caption: jax.Array, caption_mask: jax.Array | None = None,
                  guidance: jax.Array | None = None, *, return_logvar: bool = False):
+        if return_logvar and self.logvar_linear is None:
+            raise ValueError("return_logvar=True needs a model built with logvar_head=True")
+        h, modulation, temb, caption, grid = self._embed(x, timestep, caption, guidance)
+        h = self._run_blocks(h, 0, self.config.num_layers, modulation, caption, caption_mask, grid)
+
+        p = self.config.patch_size
+        shift, scale = jnp.split(self.scale_shift_table[...].astype(jnp.float32)[None]
+                                 + temb.astype(jnp.float32)[:, None], 2, axis=1)
+        h = modulate(layer_norm(h, 1e-6), shift, scale).astype(self.precision.compute)
+        out = einops.rearrange(self.proj_out(h), "b (h w) (p q c) -> b (h p) (w q) c", h=grid[0], p=p, q=p)
+        out = out.astype(jnp.float32)
+        if return_logvar:
+            return out, self.logvar_linear(temb)[:, 0].astype(jnp.float32)
+        return out
+
+    def block_features(self, x: jax.Array, timestep: jax.Array, caption: jax.Array,
+                       caption_mask: jax.Array | None = None, guidance: jax.Array | None = None, *,
+                       block_ids: Sequence[int]) -> list[jax.Array]:
+        """Token features after each block in `block_ids` (0-based), for discriminator heads.
+
+        Runs only up to the deepest requested block. Same inputs as __call__; returns a list of
+        [B, N, D] in the compute dtype, N = (H/p)·(W/p), in the order of `block_ids`.
+        """
+        ids = sorted(set(block_ids))
+        if not ids or ids[0] < 0 or ids[-1] >= self.config.num_layers:
+            raise ValueError(f"block_ids {list(block_ids)} must name blocks in [0, {self.config.num_layers})")
+        h, modulation, _, caption, grid = self._embed(x, timestep, caption, guidance)
+        features, done = {}, 0
+        for i in ids:
+            h = self._run_blocks(h, done, i + 1, modulation, caption, caption_mask, grid)
+            features[i], done = h, i + 1
+        return [features[i] for i in block_ids]
+
+    def _embed(self, x, timestep, caption, guidance):
+        """Checks inputs; returns tokens [B, N, D], modulation, temb [B, D], caption tokens, grid (H/p, W/p)."""
         cfg = self.config
         batch, height, width, channels = x.shape
         p = cfg.patch_size
@@ -253,33 +289,26 @@ class SanaTransformer(nnx.Module):
         if (guidance is None) == cfg.guidance_embeds:
             raise ValueError("guidance must be given exactly when the config has guidance_embeds=True "
                              f"(guidance_embeds={cfg.guidance_embeds}, guidance given: {guidance is not None})")
-        if return_logvar and self.logvar_linear is None:
-            raise ValueError("return_logvar=True needs a model built with logvar_head=True")
         timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (batch,))
         if guidance is not None:
             guidance = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (batch,))
         compute = self.precision.compute
-
         h = self.patch_embed(x.astype(compute))
         modulation, temb = self.time_embed(timestep, guidance)
         caption = self.caption_norm(self.caption_projection(caption.astype(compute)))
-        grid = (height // p, width // p)
+        return h, modulation, temb, caption, (height // p, width // p)
 
+    def _run_blocks(self, h, start, stop, modulation, caption, caption_mask, grid):
+        """Blocks start..stop-1 as one scan over their slice of the stacked parameters."""
         graphdef, stacked = nnx.split(self.transformer_blocks)
+        if (start, stop) != (0, self.config.num_layers):
+            stacked = jax.tree.map(lambda a: a[start:stop], stacked)
 
         def run_block(h, block_state):
             return nnx.merge(graphdef, block_state)(h, modulation, caption, caption_mask, grid), None
 
         h, _ = jax.lax.scan(run_block, h, stacked)
-
-        shift, scale = jnp.split(self.scale_shift_table[...].astype(jnp.float32)[None]
-                                 + temb.astype(jnp.float32)[:, None], 2, axis=1)
-        h = modulate(layer_norm(h, 1e-6), shift, scale).astype(compute)
-        out = einops.rearrange(self.proj_out(h), "b (h w) (p q c) -> b (h p) (w q) c", h=grid[0], p=p, q=p)
-        out = out.astype(jnp.float32)
-        if return_logvar:
-            return out, self.logvar_linear(temb)[:, 0].astype(jnp.float32)
-        return out
+        return h
 
 
 def _stacked_blocks(config: SanaConfig, precision: Precision, rngs: nnx.Rngs) -> SanaBlock:

@@ -1,0 +1,110 @@
+"""What a distillation recipe declares, and the one generic update every recipe shares.
+
+A recipe names the networks it trains and the ones it keeps frozen, gives one loss per *phase*
+(each phase trains exactly one network) and an update cycle over those phases. The engine jits
+`phase_update` once per phase and calls `recipe.phase_at(step)` on the host to pick which.
+Nothing here knows about sharding, data or a particular model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+Metrics = dict[str, jax.Array]
+
+
+@struct.dataclass
+class DistillState:
+    """Everything a recipe's updates read and write, as one pytree.
+
+    step: [] int32 global step (counts every phase update, as SANA-Sprint's warm-ups do)
+    params: trained networks by name; frozen: frozen networks and constants by name
+    stats: non-trained mutable state by network name (e.g. spectral-norm power-iteration vectors)
+    opt_state: optimizer state by trained network name
+    """
+
+    step: jax.Array
+    params: dict[str, Any]
+    frozen: dict[str, Any]
+    stats: dict[str, Any]
+    opt_state: dict[str, Any]
+
+
+# (trained params, state, batch, key) -> (loss, (metrics, new stats dict))
+PhaseLoss = Callable[[Any, DistillState, Any, jax.Array], tuple[jax.Array, tuple[Metrics, dict[str, Any]]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    name: str
+    trains: str
+    loss: PhaseLoss
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """name; trains / frozen: network names; phases: by name; cycle: phase names repeated forever
+    (("generator", "discriminator") alternates one update each); optimizers: one per trained network."""
+
+    name: str
+    trains: Sequence[str]
+    frozen: Sequence[str]
+    phases: Mapping[str, Phase]
+    cycle: Sequence[str]
+    optimizers: Mapping[str, optax.GradientTransformation]
+
+    def __post_init__(self):
+        unknown = [p for p in self.cycle if p not in self.phases]
+        if not self.cycle or unknown:
+            raise ValueError(f"recipe {self.name}: cycle {list(self.cycle)} must be non-empty and name only "
+                             f"phases in {sorted(self.phases)}")
+        for phase in self.phases.values():
+            if phase.trains not in self.trains:
+                raise ValueError(f"recipe {self.name}: phase {phase.name} trains {phase.trains!r}, "
+                                 f"which is not among the trained networks {list(self.trains)}")
+        if set(self.optimizers) != set(self.trains):
+            raise ValueError(f"recipe {self.name}: optimizers for {sorted(self.optimizers)} but it trains "
+                             f"{sorted(self.trains)}")
+
+    def phase_at(self, step: int) -> Phase:
+        return self.phases[self.cycle[step % len(self.cycle)]]
+
+    def init_state(self, params: dict[str, Any], frozen: dict[str, Any],
+                   stats: dict[str, Any] | None = None) -> DistillState:
+        if set(params) != set(self.trains) or set(frozen) < set(self.frozen):
+            raise ValueError(f"recipe {self.name} trains {sorted(self.trains)} and freezes {sorted(self.frozen)}; "
+                             f"got trained {sorted(params)}, frozen {sorted(frozen)}")
+        opt_state = {name: self.optimizers[name].init(p) for name, p in params.items()}
+        return DistillState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, stats=stats or {},
+                            opt_state=opt_state)
+
+    def phase_update(self, phase_name: str, state: DistillState, batch: Any,
+                     key: jax.Array) -> tuple[DistillState, Metrics]:
+        """One optimizer step of the network `phase_name` trains; every other network is unchanged.
+
+        Pure: jit it with phase_name static. Metrics gain "<phase>/grad_norm".
+        """
+        phase = self.phases[phase_name]
+        name = phase.trains
+        grad_fn = jax.value_and_grad(phase.loss, has_aux=True)
+        (loss, (metrics, stats)), grads = grad_fn(state.params[name], state, batch, key)
+        updates, opt_state = self.optimizers[name].update(grads, state.opt_state[name], state.params[name])
+        state = state.replace(
+            step=state.step + 1,
+            params={**state.params, name: optax.apply_updates(state.params[name], updates)},
+            opt_state={**state.opt_state, name: opt_state},
+            stats={**state.stats, **stats})
+        return state, {**metrics, f"{phase_name}/loss": loss, f"{phase_name}/grad_norm": optax.tree.norm(grads)}
+
+
+def distill_step(recipe: Recipe, state: DistillState, batch: Any, key: jax.Array,
+                 step: int) -> tuple[DistillState, Metrics]:
+    """The update the recipe's cycle schedules at host-side `step` (one data batch per update)."""
+    return recipe.phase_update(recipe.phase_at(step).name, state, batch, key)
