@@ -131,14 +131,18 @@ def scale_by_came(
 
     def init_fn(params):
         def leaf_state(p):
+            # A fresh buffer per field: shared zeros would make a donated optimizer state donate
+            # one buffer twice.
             dtype = _state_dtype(p.dtype)
-            full = jnp.zeros(p.shape, dtype)
-            absent = jnp.zeros(_ABSENT_SHAPE, dtype)
+
+            def zeros(shape):
+                return jnp.zeros(shape, dtype)
+
             if p.ndim < 2:
-                return full, absent, absent, full, absent, absent
-            row = jnp.zeros(p.shape[:-1], dtype)
-            col = jnp.zeros(p.shape[:-2] + p.shape[-1:], dtype)
-            return full, row, col, absent, row, col
+                return (zeros(p.shape), zeros(_ABSENT_SHAPE), zeros(_ABSENT_SHAPE), zeros(p.shape),
+                        zeros(_ABSENT_SHAPE), zeros(_ABSENT_SHAPE))
+            row, col = p.shape[:-1], p.shape[:-2] + p.shape[-1:]
+            return zeros(p.shape), zeros(row), zeros(col), zeros(_ABSENT_SHAPE), zeros(row), zeros(col)
 
         treedef = jax.tree.structure(params)
         per_leaf = [leaf_state(p) for p in treedef.flatten_up_to(params)]
