@@ -1,0 +1,37 @@
+"""Mesh construction, and sharded initialisation on 8 fake CPU devices (in a subprocess, because the
+device count is fixed when JAX starts)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from s2flash_jax.parallel.mesh import MeshConfig
+from tests.conftest import REPO
+
+
+@pytest.mark.parametrize("config, shape", [(MeshConfig(), (8, 1, 1)), (MeshConfig(data=-1, fsdp=2), (4, 2, 1)),
+                                           (MeshConfig(data=2, fsdp=-1, tensor=2), (2, 2, 2)),
+                                           (MeshConfig(data=1, fsdp=8, tensor=1), (1, 8, 1))])
+def test_mesh_shape_fills_in_the_rest(config, shape):
+    assert config.shape(8) == shape
+
+
+@pytest.mark.parametrize("config, message", [
+    (MeshConfig(data=-1, fsdp=-1), "at most one -1"),
+    (MeshConfig(data=3, fsdp=-1), "8 devices do not divide by 3"),
+    (MeshConfig(data=2, fsdp=2, tensor=1), "needs 4 devices, found 8"),
+    (MeshConfig(data=0), "positive"),
+])
+def test_bad_mesh_sizes_name_the_problem(config, message):
+    with pytest.raises(ValueError, match=message):
+        config.shape(8)
+
+
+def test_sharded_init_and_forward_agree_across_mesh_shapes():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "mesh_worker.py")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("ok ") == 4, result.stdout
