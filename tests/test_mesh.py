@@ -31,7 +31,7 @@ def test_bad_mesh_sizes_name_the_problem(config, message):
 
 def test_sharded_init_and_forward_agree_across_mesh_shapes():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, str(REPO / "tests" / "mesh_worker.py")], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "sharded_worker.py"), "meshes"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("ok ") == 4, result.stdout
