@@ -151,3 +151,17 @@ def test_mismatched_networks_and_recipes_are_rejected():
         Recipe("r", ("a",), (), {"p": Phase("p", "a", None)}, ("q",), {"a": optax.sgd(1.0)})
     with pytest.raises(ValueError, match="optimizers"):
         Recipe("r", ("a",), (), {"p": Phase("p", "a", None)}, ("p",), {})
+
+
+def test_reference_optimizer_skips_and_counts_non_finite_updates():
+    from s2flash_jax.recipes.sana_sprint import reference_optimizer
+
+    optimizer = reference_optimizer(learning_rate=1e-2)
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    state = optimizer.init(params)
+    bad = {"w": jnp.full((3, 2), jnp.nan), "b": jnp.ones(2)}
+    updates, state = optimizer.update(bad, state, params)
+    assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates)) and int(state.total_notfinite) == 1
+    good = jax.tree.map(jnp.ones_like, params)
+    updates, state = optimizer.update(good, state, params)
+    assert float(optax.tree.norm(updates)) > 0 and int(state.total_notfinite) == 1

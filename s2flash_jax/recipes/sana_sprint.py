@@ -43,12 +43,19 @@ class SanaSprintConfig:
     cycle: Sequence[str] = ("generator", "discriminator")
 
 
-def reference_optimizer(learning_rate: float | optax.Schedule = 2e-6,
-                        clip_norm: float = 0.1) -> optax.GradientTransformation:
+def reference_optimizer(learning_rate: float | optax.Schedule = 2e-6, clip_norm: float = 0.1,
+                        max_consecutive_skips: int = 100) -> optax.GradientTransformation:
     """The SANA-Sprint yamls' optimizer for both networks: CAME (0.9, 0.999, 0.9999), eps (1e-30, 1e-16),
-    no weight decay, after global-norm clipping at 0.1."""
-    return optax.chain(optax.clip_by_global_norm(clip_norm),
-                       came(learning_rate, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16), weight_decay=0.0))
+    no weight decay, after global-norm clipping at 0.1.
+
+    Like NVlabs, an update whose gradient is not finite is skipped (parameters and moments unchanged)
+    and counted in the state's `total_notfinite`; after `max_consecutive_skips` in a row the updates
+    are applied anyway, so a diverged run surfaces as NaN parameters instead of silently stalling.
+    """
+    return optax.apply_if_finite(
+        optax.chain(optax.clip_by_global_norm(clip_norm),
+                    came(learning_rate, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16), weight_decay=0.0)),
+        max_consecutive_errors=max_consecutive_skips)
 
 
 def discriminator_for(teacher: SanaTransformer, config: SanaSprintConfig, *, rngs: nnx.Rngs) -> DiscriminatorHeads:
