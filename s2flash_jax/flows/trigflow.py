@@ -75,10 +75,10 @@ def lognormal_times(key: jax.Array, batch: int, p_mean: float, p_std: float,
     return jnp.arctan(jnp.exp(p_mean + p_std * n) / sigma_data)
 
 
-def noised(x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
-    """x_t = cos t·x0 + sin t·noise, with noise ~ N(0, σ_d²) already scaled. x0, noise: [B, ...]; t: [B]."""
+def noised(key: jax.Array, x0: jax.Array, t: jax.Array, sigma_data: float = SIGMA_DATA) -> jax.Array:
+    """x_t = cos t·x0 + sin t·z with fresh z ~ N(0, σ_d²) drawn from `key`. x0: [B, ...]; t: [B]."""
     tb = per_example(at_least_fp32(t), x0)
-    return jnp.cos(tb) * x0 + jnp.sin(tb) * noise
+    return jnp.cos(tb) * x0 + jnp.sin(tb) * sigma_data * jax.random.normal(key, x0.shape, x0.dtype)
 
 
 def consistency_fn(model: TrigFlowFn, x_t: jax.Array, t: jax.Array, sigma_data: float = SIGMA_DATA) -> jax.Array:

@@ -80,7 +80,7 @@ def discriminator_times(key: jax.Array, batch: int, config: LADDConfig,
 
 def renoised_input(key: jax.Array, x0: jax.Array, t: jax.Array, sigma_data: float = SIGMA_DATA) -> jax.Array:
     """Network input x_t / σ_d [B, ...] for clean latents x0 [B, ...] at times t [B], fresh noise."""
-    return noised(x0, sigma_data * jax.random.normal(key, x0.shape, x0.dtype), t) / sigma_data
+    return noised(key, x0, t, sigma_data) / sigma_data
 
 
 def misaligned(x: jax.Array) -> jax.Array:

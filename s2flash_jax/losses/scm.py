@@ -91,7 +91,7 @@ def scm_loss(student: StudentFn, params: Any, teacher: TeacherFn, x0: jax.Array,
     batch = x0.shape[0]
     t_key, z_key = jax.random.split(key)
     t = lognormal_times(t_key, batch, config.p_mean, config.p_std, sd)
-    x_t = noised(x0, sd * jax.random.normal(z_key, x0.shape, jnp.float32), t)
+    x_t = noised(z_key, x0, t, sd)
     w = guidance_scale
     x_hat = x_t / sd
 

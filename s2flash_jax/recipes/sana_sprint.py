@@ -87,9 +87,13 @@ class _Networks:
 
         return student
 
+    def frozen_teacher(self, state: DistillState) -> SanaTransformer:
+        """The teacher with its parameters under stop_gradient: it never receives a gradient."""
+        return nnx.merge(self.teacher, jax.lax.stop_gradient(state.frozen["teacher"]))
+
     def teacher_fn(self, state: DistillState, batch):
         """(x̂, t) -> (F unconditional, F conditional), one teacher call on the doubled batch."""
-        net = nnx.merge(self.teacher, jax.lax.stop_gradient(state.frozen["teacher"]))
+        net = self.frozen_teacher(state)
         caption, mask = batch["caption"], batch["caption_mask"]
         null = jnp.broadcast_to(state.frozen["null_caption"], caption.shape).astype(caption.dtype)
         # NVlabs pairs its learned null caption with each prompt's own mask
@@ -113,7 +117,7 @@ class _Networks:
         The teacher's parameters get no gradient, but its input does: the generator's adversarial
         gradient flows through the teacher into the student's sample.
         """
-        teacher = nnx.merge(self.teacher, jax.lax.stop_gradient(state.frozen["teacher"]))
+        teacher = self.frozen_teacher(state)
         x_flow, s = flow_input(x_hat, t)
         features = teacher.block_features(x_flow, time_embedder_input(teacher.config, s), caption, caption_mask,
                                           block_ids=self.config.ladd.block_ids)
@@ -126,7 +130,7 @@ class _Networks:
         cfg = self.config
         t_key, z_key = jax.random.split(key)
         t = ladd.generator_times(t_key, x0.shape[0], cfg.scm.p_mean, cfg.scm.p_std, cfg.ladd, cfg.scm.sigma_data)
-        x_t = noised(x0, cfg.scm.sigma_data * jax.random.normal(z_key, x0.shape, x0.dtype), t)
+        x_t = noised(z_key, x0, t, cfg.scm.sigma_data)
         return consistency_fn(lambda x, s: student(params, x, s, guidance_scale)[0], x_t, t, cfg.scm.sigma_data)
 
     def generator_loss(self, params, state: DistillState, batch, key):
