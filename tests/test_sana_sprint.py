@@ -165,3 +165,12 @@ def test_reference_optimizer_skips_and_counts_non_finite_updates():
     good = jax.tree.map(jnp.ones_like, params)
     updates, state = optimizer.update(good, state, params)
     assert float(optax.tree.norm(updates)) > 0 and int(state.total_notfinite) == 1
+
+
+def test_caption_length_must_match_the_null_caption(setup):
+    recipe, state, batch = setup
+    nets = recipe.phases["generator"].loss.__self__
+    short = {**batch, "caption": batch["caption"][:, :-1], "caption_mask": batch["caption_mask"][:, :-1]}
+    message = f"batch captions have {CAPTION - 1} tokens but the null caption has {CAPTION}"
+    with pytest.raises(ValueError, match=message):
+        nets.teacher_fn(state, short)

@@ -95,6 +95,9 @@ class _Networks:
         """(x̂, t) -> (F unconditional, F conditional), one teacher call on the doubled batch."""
         net = self.frozen_teacher(state)
         caption, mask = batch["caption"], batch["caption_mask"]
+        if state.frozen["null_caption"].shape[0] != caption.shape[1]:
+            raise ValueError(f"batch captions have {caption.shape[1]} tokens but the null caption has "
+                             f"{state.frozen['null_caption'].shape[0]}; pad both to the same length")
         null = jnp.broadcast_to(state.frozen["null_caption"], caption.shape).astype(caption.dtype)
         # NVlabs pairs its learned null caption with each prompt's own mask
         null_mask = mask if state.frozen["null_caption_mask"] is None else jnp.broadcast_to(
