@@ -8,7 +8,10 @@ teacher the student is distilled from (same architecture without the guidance em
 head, dense time embedding via timestep_scale=0.001). Example: configs/sana_sprint.py:0.6b,teacher
 """
 
-from s2flash_jax.config import Config, SampleConfig
+import dataclasses
+
+from s2flash_jax.config import Config, SampleConfig, TrainConfig
+from s2flash_jax.data.pipeline import DataConfig
 from s2flash_jax.models.sana import SanaConfig
 from s2flash_jax.precision import Precision
 
@@ -26,9 +29,8 @@ def get_config(arg=None):
         raise ValueError(f"unknown variant(s) {unknown}; expected one of {sorted(SIZES)} and/or 'teacher'")
     sizes = [t for t in tokens if t in SIZES]
     size = sizes[-1] if sizes else "1.6b"
-    student = "teacher" not in tokens
     shape = SIZES[size]
-    model = SanaConfig(
+    student = SanaConfig(
         in_channels=32,
         out_channels=32,
         attention_head_dim=32,
@@ -42,14 +44,21 @@ def get_config(arg=None):
         norm_eps=1e-6,
         interpolation_scale=None,
         qk_norm="rms_norm_across_heads",
-        guidance_embeds=student,
+        guidance_embeds=True,
         guidance_embeds_scale=0.1,
-        timestep_scale=1.0 if student else 0.001,
-        logvar_head=student,
+        timestep_scale=1.0,
+        logvar_head=True,
+        gradient_checkpointing=True,
         **shape,
     )
+    teacher = dataclasses.replace(student, guidance_embeds=False, timestep_scale=0.001, logvar_head=False)
     return Config(
-        model=model,
+        model=teacher if "teacher" in tokens else student,
+        teacher=None if "teacher" in tokens else teacher,
         precision=Precision(param_dtype="float32", compute_dtype="bfloat16"),
         sample=SampleConfig(steps=2, batch_size=1, height=32, width=32),
+        # The yamls: CAME 2e-6 with 5000 warm-up steps then constant, clip 0.1, 16 per GPU (here global).
+        train=TrainConfig(batch_size=128, learning_rate=2e-6, warmup_steps=5000, clip_norm=0.1,
+                          checkpoint_every=500, sample_every=500, teacher_dtype="bfloat16"),
+        data=DataConfig(caption_length=300),
     )

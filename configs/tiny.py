@@ -1,39 +1,53 @@
-"""A tiny SANA-Sprint-shaped transformer for tests, demos and CPU smoke runs (random weights).
+"""A tiny SANA-Sprint-shaped run for tests, demos and CPU smoke runs (random weights).
 
-Variants: `configs/tiny.py` (student: guidance embedding, QK-norm, logvar head),
-`configs/tiny.py:teacher` (flow teacher: no guidance embedding, no logvar head).
+Variants: `configs/tiny.py` (student: guidance embedding, QK-norm, logvar head; its teacher is the
+`:teacher` model), `configs/tiny.py:teacher` (flow teacher: no guidance embedding, no logvar head).
+Training reads precomputed records with 8x8x4 latents and 8-token, 32-wide captions from
+`data.path` (set it on the command line).
 """
 
-from s2flash_jax.config import Config, SampleConfig
+import dataclasses
+
+from s2flash_jax.config import Config, SampleConfig, TrainConfig
+from s2flash_jax.data.pipeline import DataConfig
+from s2flash_jax.losses.ladd import LADDConfig
+from s2flash_jax.losses.scm import SCMConfig
 from s2flash_jax.models.sana import SanaConfig
 from s2flash_jax.precision import Precision
+from s2flash_jax.recipes.sana_sprint import SanaSprintConfig
+
+STUDENT = SanaConfig(
+    in_channels=4,
+    out_channels=4,
+    num_attention_heads=4,
+    attention_head_dim=16,
+    num_layers=2,
+    num_cross_attention_heads=4,
+    cross_attention_head_dim=16,
+    cross_attention_dim=64,
+    caption_channels=32,
+    mlp_ratio=2.5,
+    sample_size=8,
+    patch_size=1,
+    qk_norm="rms_norm_across_heads",
+    guidance_embeds=True,
+    timestep_scale=1.0,
+    logvar_head=True,
+)
+# Sprint conventions: the teacher's SanaPipeline feeds 1000·s·0.001 = s (dense time embedding).
+TEACHER = dataclasses.replace(STUDENT, guidance_embeds=False, timestep_scale=0.001, logvar_head=False)
 
 
 def get_config(arg=None):
     if arg not in (None, "teacher"):
         raise ValueError(f"unknown variant {arg!r}; expected none or 'teacher'")
-    student = arg is None
-    model = SanaConfig(
-        in_channels=4,
-        out_channels=4,
-        num_attention_heads=4,
-        attention_head_dim=16,
-        num_layers=2,
-        num_cross_attention_heads=4,
-        cross_attention_head_dim=16,
-        cross_attention_dim=64,
-        caption_channels=32,
-        mlp_ratio=2.5,
-        sample_size=8,
-        patch_size=1,
-        qk_norm="rms_norm_across_heads",
-        guidance_embeds=student,
-        # Sprint conventions: the teacher's SanaPipeline feeds 1000·s·0.001 = s (dense time embedding).
-        timestep_scale=1.0 if student else 0.001,
-        logvar_head=student,
-    )
     return Config(
-        model=model,
+        model=TEACHER if arg == "teacher" else STUDENT,
+        teacher=None if arg == "teacher" else TEACHER,
         precision=Precision(param_dtype="float32", compute_dtype="float32"),
         sample=SampleConfig(steps=4, batch_size=4, height=8, width=8),
+        train=TrainConfig(steps=100, batch_size=8, learning_rate=1e-4, log_every=10, checkpoint_every=50),
+        data=DataConfig(caption_length=8),
+        # Two teacher blocks: one head on each; warm-up short enough to be seen in a smoke run.
+        sana_sprint=SanaSprintConfig(scm=SCMConfig(tangent_warmup_steps=20), ladd=LADDConfig(block_ids=(0, 1))),
     )

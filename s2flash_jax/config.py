@@ -7,6 +7,7 @@ strings, parsed with the type of the field they set; the result is re-validated.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import importlib.util
@@ -16,8 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from s2flash_jax.data.pipeline import DataConfig
 from s2flash_jax.models.sana import SanaConfig
+from s2flash_jax.parallel.mesh import MeshConfig
 from s2flash_jax.precision import Precision
+from s2flash_jax.recipes.sana_sprint import SanaSprintConfig
 
 
 class ConfigError(ValueError):
@@ -47,10 +51,73 @@ class SampleConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How `s2flash train` runs. Defaults are the SANA-Sprint yamls where they say.
+
+    steps: global updates (each update is one phase of the recipe's cycle on one batch);
+    batch_size: global examples per update, split over the mesh's (data, fsdp) devices.
+    optimizer: "came" (SANA-Sprint) or "adamw" (b1 0.9, b2 0.999, eps 1e-8); both after global-norm
+      clipping at clip_norm, with non-finite updates skipped and counted (at most
+      max_consecutive_skips in a row). schedule: "constant", "cosine" or "linear" decay from
+      learning_rate to end_learning_rate after warmup_steps of linear warm-up; schedules count each
+      network's own updates (half the global steps when generator and discriminator alternate).
+    ema_decay: 0 keeps no EMA student; otherwise ema = decay·ema + (1-decay)·student after every
+      student update. teacher_dtype: "bfloat16" stores the frozen teacher in half the memory.
+    teacher_checkpoint: a model checkpoint to distil from (empty: random weights, for smoke runs);
+      init_student_from_teacher copies every parameter the two share into the student.
+    Every *_every is in global steps; 0 turns it off.
+    """
+
+    steps: int = 10_000
+    batch_size: int = 32
+    optimizer: str = "came"
+    learning_rate: float = 2e-6
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    end_learning_rate: float = 0.0
+    clip_norm: float = 0.1
+    weight_decay: float = 0.0
+    max_consecutive_skips: int = 100
+    ema_decay: float = 0.0
+    teacher_dtype: str = "float32"
+    teacher_checkpoint: str = ""
+    init_student_from_teacher: bool = True
+    log_every: int = 10
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    sample_every: int = 0
+    sample_count: int = 4
+
+    def __post_init__(self):
+        choices = {"optimizer": ("came", "adamw"), "schedule": ("constant", "cosine", "linear"),
+                   "teacher_dtype": ("float32", "bfloat16")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"train.{key}={getattr(self, key)!r}; expected one of {allowed}")
+        for key in ("steps", "batch_size", "keep_checkpoints", "sample_count", "max_consecutive_skips"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
+        for key in ("warmup_steps", "log_every", "checkpoint_every", "sample_every"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train.{key}={getattr(self, key)} must be >= 0")
+        if not self.learning_rate > 0 or self.clip_norm <= 0 or not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train: learning_rate ({self.learning_rate}) and clip_norm ({self.clip_norm}) must be "
+                             f"> 0 and ema_decay ({self.ema_decay}) in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
+    """A whole run. model is the network `sample` runs and `train` trains (the student);
+    teacher is the frozen network a distillation recipe distils from."""
+
     model: SanaConfig
+    teacher: SanaConfig | None = None
     precision: Precision = Precision()
     sample: SampleConfig = SampleConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+    mesh: MeshConfig = MeshConfig()
+    sana_sprint: SanaSprintConfig = SanaSprintConfig()
     seed: int = 0
 
 
@@ -113,6 +180,9 @@ def _parse(raw: str, field_type: Any, key: str) -> Any:
             return None
         raise ConfigError(f"config key {key!r} cannot be None")
     for t in allowed:
+        if typing.get_origin(t) in (tuple, collections.abc.Sequence):  # "4,4.5,5"
+            (element, *_) = typing.get_args(t) or (str,)
+            return tuple(_parse(item.strip(), element, key) for item in raw.split(",") if item.strip())
         if t is bool:
             if raw.lower() in ("true", "1", "yes"):
                 return True

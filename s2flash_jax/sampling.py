@@ -25,29 +25,41 @@ from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.outputs import fresh_output_dir, image_grid
 
 
-def sample_latents(model: SanaTransformer, config: Config) -> jax.Array:
-    """Sample from seeded noise. Returns unit-scale latents [B, H, W, C_out]."""
-    mcfg, scfg = model.config, config.sample
-    batch = scfg.batch_size
-    noise_key, sampler_key = jax.random.split(jax.random.key(scfg.seed))
-    noise = jax.random.normal(noise_key, (batch, scfg.height, scfg.width, mcfg.in_channels))
-    caption = jnp.zeros((batch, 1, mcfg.caption_channels))
-    caption_mask = jnp.ones((batch, 1), jnp.int32)
-    guidance = (jnp.full((batch,), scfg.guidance_scale * mcfg.guidance_embeds_scale)
+def few_step_sample(model: SanaTransformer, noise: jax.Array, caption: jax.Array, caption_mask: jax.Array | None,
+                    key: jax.Array, *, steps: int, guidance_scale: float, flow_shift: float = 1.0) -> jax.Array:
+    """Unit-scale latents [B, H, W, C] from noise [B, H, W, C] for captions [B, L, C_text].
+
+    A student (guidance embedding) samples as SanaSprintPipeline: multistep consistency sampling
+    of its TrigFlow wrapper, guidance embedding fed guidance_scale x guidance_embeds_scale. A flow
+    teacher takes Euler steps on the flow_shift-warped schedule, without guidance.
+    """
+    mcfg = model.config
+    guidance = (jnp.full((noise.shape[0],), guidance_scale * mcfg.guidance_embeds_scale)
                 if mcfg.guidance_embeds else None)
+
+    def velocity(x, s):
+        return model(x, time_embedder_input(mcfg, s), caption, caption_mask, guidance)
+
+    if mcfg.guidance_embeds:
+        return scm_sample(trigflow_from_flow_matching(velocity), noise, key,
+                          scm_timesteps(steps)) / SIGMA_DATA
+    return euler_sample(velocity, noise, steps, shift=flow_shift)
+
+
+def sample_latents(model: SanaTransformer, config: Config) -> jax.Array:
+    """Sample from seeded noise with an empty (one all-zero token) caption. Returns unit-scale
+    latents [B, H, W, C_out]."""
+    mcfg, scfg = model.config, config.sample
+    noise_key, sampler_key = jax.random.split(jax.random.key(scfg.seed))
+    noise = jax.random.normal(noise_key, (scfg.batch_size, scfg.height, scfg.width, mcfg.in_channels))
+    caption = jnp.zeros((scfg.batch_size, 1, mcfg.caption_channels))
+    caption_mask = jnp.ones((scfg.batch_size, 1), jnp.int32)
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def run(state, noise):
-        net = nnx.merge(graphdef, state)
-
-        def velocity(x, s):
-            return net(x, time_embedder_input(mcfg, s), caption, caption_mask, guidance)
-
-        if mcfg.guidance_embeds:
-            times = scm_timesteps(scfg.steps)
-            return scm_sample(trigflow_from_flow_matching(velocity), noise, sampler_key, times) / SIGMA_DATA
-        return euler_sample(velocity, noise, scfg.steps, shift=scfg.flow_shift)
+        return few_step_sample(nnx.merge(graphdef, state), noise, caption, caption_mask, sampler_key,
+                               steps=scfg.steps, guidance_scale=scfg.guidance_scale, flow_shift=scfg.flow_shift)
 
     return run(state, noise)
 

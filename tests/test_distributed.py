@@ -1,14 +1,12 @@
 """How a process decides to join a job, and two local processes joined with jax.distributed."""
 
-import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from s2flash_jax.parallel.distributed import DistributedConfig, resolve
-from tests.conftest import REPO
+from tests.conftest import REPO, fake_devices_env, free_port
 
 
 def test_explicit_settings_from_config_or_environment():
@@ -35,19 +33,12 @@ def test_incomplete_or_bad_settings_are_rejected(config, env, message):
         resolve(config, env)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_share_a_sharded_model_and_batch():
     port = free_port()
     procs = []
     for process_id in range(2):
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(REPO),
-               "S2FLASH_COORDINATOR": f"127.0.0.1:{port}", "S2FLASH_NUM_PROCESSES": "2",
-               "S2FLASH_PROCESS_ID": str(process_id)}
+        env = fake_devices_env(2, S2FLASH_COORDINATOR=f"127.0.0.1:{port}", S2FLASH_NUM_PROCESSES="2",
+                               S2FLASH_PROCESS_ID=str(process_id))
         procs.append(subprocess.Popen([sys.executable, str(REPO / "tests" / "sharded_worker.py"), "multiprocess"],
                                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=600)[0] for p in procs]

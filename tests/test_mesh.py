@@ -1,14 +1,13 @@
 """Mesh construction, and sharded initialisation on 8 fake CPU devices (in a subprocess, because the
 device count is fixed when JAX starts)."""
 
-import os
 import subprocess
 import sys
 
 import pytest
 
 from s2flash_jax.parallel.mesh import MeshConfig
-from tests.conftest import REPO
+from tests.conftest import REPO, fake_devices_env
 
 
 @pytest.mark.parametrize("config, shape", [(MeshConfig(), (8, 1, 1)), (MeshConfig(data=-1, fsdp=2), (4, 2, 1)),
@@ -30,7 +29,7 @@ def test_bad_mesh_sizes_name_the_problem(config, message):
 
 
 def test_sharded_init_and_forward_agree_across_mesh_shapes():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(REPO)}
+    env = fake_devices_env(8)
     result = subprocess.run([sys.executable, str(REPO / "tests" / "sharded_worker.py"), "meshes"], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -113,7 +113,7 @@ def test_diffusers_config_maps_one_to_one():
     exported = config.to_diffusers()
     assert "logvar_head" not in exported
     assert SanaConfig.from_diffusers({**exported, "_class_name": "SanaTransformer2DModel"},
-                                     logvar_head=True) == config
+                                     logvar_head=True, gradient_checkpointing=True) == config
     with pytest.raises(ValueError, match=r"'num_layer' \(did you mean 'num_layers'\?\)"):
         SanaConfig.from_diffusers({**exported, "num_layer": 3})
     with pytest.raises(ValueError, match="qk_norm='layer_norm' is not supported"):

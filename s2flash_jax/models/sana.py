@@ -34,6 +34,8 @@ class SanaConfig:
         sCM loss's adaptive weighting.
       linear_attention_eps: the normaliser epsilon of linear attention (diffusers 1e-15; the original
         NVlabs `LiteLA` uses 1e-8).
+      gradient_checkpointing: recompute each block in the backward pass instead of storing its
+        activations (SANA-Sprint trains with it on); changes memory, not results.
     """
 
     in_channels: int = 32
@@ -60,8 +62,9 @@ class SanaConfig:
     # Ours, not diffusers'.
     logvar_head: bool = False
     linear_attention_eps: float = 1e-15
+    gradient_checkpointing: bool = False
 
-    OWN_KEYS = ("logvar_head", "linear_attention_eps")
+    OWN_KEYS = ("logvar_head", "linear_attention_eps", "gradient_checkpointing")
 
     def __post_init__(self):
         problems = []
@@ -306,6 +309,10 @@ class SanaTransformer(nnx.Module):
 
         def run_block(h, block_state):
             return nnx.merge(graphdef, block_state)(h, modulation, caption, caption_mask, grid), None
+
+        if self.config.gradient_checkpointing:
+            # Keep only each block's input for the backward pass; inside a scan CSE cannot undo it.
+            run_block = jax.checkpoint(run_block, prevent_cse=False)
 
         h, _ = jax.lax.scan(run_block, h, stacked)
         return h

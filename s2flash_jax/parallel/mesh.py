@@ -25,6 +25,10 @@ MESH_AXES = ("data", "fsdp", "tensor")
 M = TypeVar("M", bound=nnx.Module)
 
 
+class MeshError(ValueError):
+    """Mesh sizes that cannot lay out the available devices."""
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Sizes of the data, fsdp and tensor axes; one may be -1 (the devices left over)."""
@@ -36,14 +40,14 @@ class MeshConfig:
     def shape(self, num_devices: int) -> tuple[int, int, int]:
         sizes = (self.data, self.fsdp, self.tensor)
         if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
-            raise ValueError(f"mesh {self.describe()}: sizes must be positive, with at most one -1")
+            raise MeshError(f"mesh {self.describe()}: sizes must be positive, with at most one -1")
         known = math.prod(s for s in sizes if s != -1)
         if -1 in sizes:
             if num_devices % known:
-                raise ValueError(f"mesh {self.describe()}: {num_devices} devices do not divide by {known}")
+                raise MeshError(f"mesh {self.describe()}: {num_devices} devices do not divide by {known}")
             sizes = tuple(num_devices // known if s == -1 else s for s in sizes)
         if math.prod(sizes) != num_devices:
-            raise ValueError(f"mesh {self.describe()} needs {math.prod(sizes)} devices, found {num_devices}")
+            raise MeshError(f"mesh {self.describe()} needs {math.prod(sizes)} devices, found {num_devices}")
         return sizes
 
     def describe(self) -> str:
@@ -62,25 +66,55 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] |
                 axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
-def state_shardings(state: nnx.State, mesh: Mesh,
-                    rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_AXIS_RULES) -> nnx.State:
-    """NamedShardings for a (possibly abstract) state whose variables carry logical axis names.
+def tree_shardings(tree, mesh: Mesh, rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_AXIS_RULES):
+    """NamedShardings for every array of a (possibly abstract) pytree, same structure.
 
-    Variables without names are replicated.
+    A variable carrying logical axis names is sharded as the rules say, except along dimensions
+    the named mesh axes do not divide (and wholly replicated if the names do not match its rank:
+    optimizer statistics such as CAME's row/column factors inherit their parameter's names but not
+    its shape). Everything else (scalars, keys, unnamed arrays) is replicated.
     """
+    replicated = NamedSharding(mesh, PartitionSpec())
 
-    def to_sharding(spec):
-        return NamedSharding(mesh, logical_to_mesh_axes(tuple(spec), rules))
+    def for_variable(var: nnx.Variable):
+        names = var.get_metadata().get("out_sharding")
+        shape = var.get_value().shape
+        if not names or len(names) != len(shape):
+            return var.replace(replicated)
+        spec = [axes if _divides(mesh, axes, dim) else None
+                for axes, dim in zip(logical_to_mesh_axes(tuple(names), rules), shape, strict=True)]
+        return var.replace(NamedSharding(mesh, PartitionSpec(*spec)))
 
-    return jax.tree.map(to_sharding, nnx.get_partition_spec(state),
-                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+    def for_leaf(x):
+        if isinstance(x, nnx.Variable):
+            return for_variable(x)
+        return replicated if hasattr(x, "shape") else None
+
+    return jax.tree.map(for_leaf, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _divides(mesh: Mesh, axes: MeshAxes, dim: int) -> bool:
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = math.prod(mesh.shape[a] for a in names)
+    return dim > 0 and dim % size == 0
+
+
+def sharded_shapes(abstract, shardings):
+    """ShapeDtypeStructs of `abstract` carrying `shardings` (same tree structure): what a checkpoint
+    restores onto, and what a step is compiled for ahead of time."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Examples split over every device of the data and fsdp axes (replicated over tensor)."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
 
 def sharded_init(build: Callable[[], M], mesh: Mesh,
                  rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_AXIS_RULES) -> M:
     """build() run under jit with every variable created directly in its shard on `mesh`."""
     graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
-    shardings = state_shardings(abstract_state, mesh, rules)
+    shardings = tree_shardings(abstract_state, mesh, rules)
 
     def init():
         return nnx.split(build())[1]

@@ -32,7 +32,7 @@ from s2flash_jax.losses.scm import SCMConfig, sample_guidance_scales, scm_loss
 from s2flash_jax.models.discriminator import DiscriminatorHeads
 from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.recipes.base import DistillState, Phase, Recipe
-from s2flash_jax.train.came import came
+from s2flash_jax.train.optim import optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +49,9 @@ def reference_optimizer(learning_rate: float | optax.Schedule = 2e-6, clip_norm:
     no weight decay, after global-norm clipping at 0.1.
 
     Like NVlabs, an update whose gradient is not finite is skipped (parameters and moments unchanged)
-    and counted in the state's `total_notfinite`; after `max_consecutive_skips` in a row the updates
-    are applied anyway, so a diverged run surfaces as NaN parameters instead of silently stalling.
+    and counted in the state's `total_notfinite`.
     """
-    return optax.apply_if_finite(
-        optax.chain(optax.clip_by_global_norm(clip_norm),
-                    came(learning_rate, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16), weight_decay=0.0)),
-        max_consecutive_errors=max_consecutive_skips)
+    return optimizer("came", learning_rate, clip_norm=clip_norm, max_consecutive_skips=max_consecutive_skips)
 
 
 def discriminator_for(teacher: SanaTransformer, config: SanaSprintConfig, *, rngs: nnx.Rngs) -> DiscriminatorHeads:

@@ -38,9 +38,10 @@ import optax
 Betas = tuple[float, float, float]
 Eps = tuple[float, float]
 
-# Stands in for the statistics a leaf does not keep (factored ones for
-# unfactored leaves and vice versa) so every state field mirrors the params tree.
-_ABSENT_SHAPE = (0,)
+# A scalar stands in for the statistics a leaf does not keep (factored ones for
+# unfactored leaves and vice versa) so every state field mirrors the params tree;
+# not a size-0 array, which checkpoint libraries refuse to save.
+_ABSENT_SHAPE = ()
 
 
 class ScaleByCameState(NamedTuple):
@@ -48,9 +49,9 @@ class ScaleByCameState(NamedTuple):
 
     For a leaf of shape ``s``, factored when ``len(s) >= 2``:
       exp_avg: ``s``, momentum of the clipped update.
-      exp_avg_sq_row / exp_avg_res_row: ``s[:-1]`` if factored, else ``(0,)``.
-      exp_avg_sq_col / exp_avg_res_col: ``s[:-2] + s[-1:]`` if factored, else ``(0,)``.
-      exp_avg_sq: ``s`` if unfactored, else ``(0,)``.
+      exp_avg_sq_row / exp_avg_res_row: ``s[:-1]`` if factored, else ``()``.
+      exp_avg_sq_col / exp_avg_res_col: ``s[:-2] + s[-1:]`` if factored, else ``()``.
+      exp_avg_sq: ``s`` if unfactored, else ``()``.
     ``*_sq_*`` average the squared gradient, ``*_res_*`` the instability.
     """
 

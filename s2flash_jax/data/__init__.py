@@ -1,0 +1,1 @@
+"""Training data: precomputed latent + caption-embedding records, grain pipelines over ArrayRecord/TFDS."""

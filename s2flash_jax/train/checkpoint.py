@@ -1,0 +1,76 @@
+"""Run checkpoints: the train state, the data iterator position and the run's metadata, saved together.
+
+Built on orbax's `CheckpointManager`: saves are asynchronous (training continues while arrays are
+written), atomic (a step directory only counts once orbax has committed it) and only the newest
+`keep` are kept. Each process writes its own shards of the state and its own data-iterator state.
+Restoring takes a target whose arrays carry the *new* run's shardings, so a checkpoint saved on
+one mesh restores onto any other. A checkpoint that fails to restore is reported and the one
+before it is used.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grain.checkpoint
+import orbax.checkpoint as ocp
+
+
+@dataclass
+class Restored:
+    step: int
+    state: Any
+    meta: dict
+
+
+class RunCheckpoints:
+    """Checkpoints of one run under `directory` (created if missing)."""
+
+    def __init__(self, directory: str | Path, *, keep: int, asynchronous: bool = True):
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True))
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, data_iterator: Any, meta: dict) -> None:
+        """Starts writing; returns before the arrays are on disk when asynchronous."""
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            meta=ocp.args.JsonSave(meta)), force=True)
+
+    def restore_newest(self, target: Any, data_iterator: Any) -> Restored | None:
+        """The newest checkpoint that restores, onto `target` (see sharded_shapes); the data iterator
+        is moved to the saved position. None if there is no checkpoint; an error if none restores."""
+        steps = self.steps()
+        for step in reversed(steps):
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target),
+                    data=grain.checkpoint.CheckpointRestore(data_iterator),
+                    meta=ocp.args.JsonRestore()))
+            except Exception as e:  # noqa: BLE001 — any failure means this step is unusable
+                print(f"checkpoint {self.directory / str(step)} could not be restored "
+                      f"({type(e).__name__}: {_first_line(e)}); trying the one before it", file=sys.stderr)
+                continue
+            return Restored(step, restored.state, restored.meta)
+        if steps:
+            raise RuntimeError(f"none of the checkpoints {steps} in {self.directory} could be restored")
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else ""

@@ -1,0 +1,222 @@
+"""`s2flash train`: the distillation loop over a run directory.
+
+RUN_DIR/
+  config.json          the resolved config (a resumed run must match it, up to RESUMABLE_KEYS)
+  checkpoints/<step>/  orbax: train state, data-iterator position per process, metadata
+  tensorboard/         event files (losses, gradient norms, step time, examples/s, MFU)
+  samples/step_<n>.png periodic sample grid (rows: captions, columns: 1, 2, 4 student steps)
+
+The same code runs on one CPU and on a pod: every process runs this loop, feeds its slice of each
+global batch, and only process 0 prints or writes anything outside checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+from s2flash_jax.config import Config
+from s2flash_jax.data.pipeline import global_batch, train_batches
+from s2flash_jax.models.sana import SanaTransformer
+from s2flash_jax.outputs import OutputExists, image_grid
+from s2flash_jax.parallel.mesh import batch_sharding, make_mesh, sharded_shapes, tree_shardings
+from s2flash_jax.sampling import few_step_sample, latent_preview
+from s2flash_jax.train.checkpoint import RunCheckpoints
+from s2flash_jax.train.metrics import MetricsLogger
+from s2flash_jax.train.state import TrainState, initialiser
+from s2flash_jax.train.step import compile_ahead, compiled_flops
+
+# Config keys a resumed run may change: how long, how often, and how the work is laid out.
+RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                  "train.sample_every", "mesh.", "data.num_workers", "data.prefetch_buffer")
+SAMPLE_STEPS = (1, 2, 4)
+
+
+class RunError(ValueError):
+    """A run directory or run setup that cannot be used; the message says why."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    state: TrainState
+    step: int
+    history: list[dict[str, float]]
+    losses: list[dict[str, float]]  # every update's metrics when record_losses, else empty
+
+
+def train(config: Config, out: str | Path, *, resume: bool = False, force: bool = False,
+          stop_after: int | None = None, record_losses: bool = False, quiet: bool = False) -> RunResult:
+    """Distil for config.train.steps global steps into `out`.
+
+    resume: continue from the newest checkpoint that restores (from step 0 if there is none).
+    force: delete an existing run directory first. stop_after: end this invocation after that many
+    updates (with a checkpoint), as a preemption would. record_losses: keep every update's metrics
+    on the host (tests compare runs with them).
+    """
+    out = Path(out)
+    primary = jax.process_index() == 0
+    mesh = make_mesh(config.mesh)
+    _check_batch(config, mesh)
+    continuing = _check_run_dir(config, out, resume=resume, force=force)
+    data_it = _data_iterator(config)
+    # A fresh run reads its first batch before writing anything, so bad data leaves no run behind.
+    first_batch = None if continuing else next(data_it)
+    if not continuing and primary:
+        _create_run_dir(config, out)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("s2flash run directory ready")
+
+    setup = initialiser(config)
+    shardings = tree_shardings(setup.abstract, mesh)
+    checkpoints = RunCheckpoints(out / "checkpoints", keep=config.train.keep_checkpoints)
+    restored = checkpoints.restore_newest(sharded_shapes(setup.abstract, shardings), data_it) if resume else None
+    if restored is not None:
+        state, start = restored.state, restored.step
+        _say(primary and not quiet, f"resumed from {out / 'checkpoints' / str(start)}")
+    else:
+        with jax.set_mesh(mesh):
+            state = jax.jit(setup.init, out_shardings=shardings)()
+        start = 0
+
+    recipe = setup.recipe
+    data_sharding = batch_sharding(mesh)
+    steps = compile_ahead(recipe, shardings, mesh, config, setup.abstract,
+                          log=print if primary and not quiet else None)
+    end = config.train.steps if stop_after is None else min(config.train.steps, start + stop_after)
+    logger = MetricsLogger(out / "tensorboard", total_steps=config.train.steps, start_step=start,
+                           every=config.train.log_every, examples_per_step=config.train.batch_size,
+                           flops_per_step={p: compiled_flops(c) for p, c in steps.items()}, enabled=primary and not quiet)
+    sampler = _Sampler(config, mesh) if config.train.sample_every else None
+    losses: list[dict[str, float]] = []
+    step = start
+    try:
+        with jax.set_mesh(mesh):
+            while step < end:
+                phase = recipe.phase_at(step).name
+                local, first_batch = (next(data_it) if first_batch is None else first_batch), None
+                batch = global_batch(local, data_sharding)
+                state, metrics = steps[phase](state, batch)
+                step += 1
+                logger.record(step, phase, metrics)
+                if record_losses:
+                    losses.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+                if step == end or (config.train.checkpoint_every and step % config.train.checkpoint_every == 0):
+                    checkpoints.save(step, state, data_it, {"step": step, "config": _config_json(config)})
+                if sampler and step % config.train.sample_every == 0:
+                    sampler.write(state, out / "samples" / f"step_{step:07d}.png", logger, step, primary)
+    finally:
+        checkpoints.wait()
+        checkpoints.close()
+        logger.close(step)
+    _say(primary and not quiet, f"stopped at step {step} of {config.train.steps}; checkpoints in {out / 'checkpoints'}")
+    return RunResult(state=state, step=step, history=logger.history, losses=losses)
+
+
+def _say(enabled: bool, text: str) -> None:
+    if enabled:
+        print(text, flush=True)
+
+
+def _check_batch(config: Config, mesh) -> None:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch = config.train.batch_size
+    if batch % shards or batch % jax.process_count():
+        raise RunError(f"train.batch_size={batch} must divide evenly over the {shards} data x fsdp devices of "
+                       f"mesh {dict(mesh.shape)} and the {jax.process_count()} processes")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{"train": {"steps": 5}} -> {"train.steps": 5}."""
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return flat
+
+
+def _config_json(config: Config) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as in the saved file
+
+
+def _check_run_dir(config: Config, out: Path, *, resume: bool, force: bool) -> bool:
+    """Whether `out` is a run to continue; errors for a directory that may not be used as asked."""
+    if not out.exists() or not any(out.iterdir()):
+        return False
+    saved = out / "config.json"
+    if resume and saved.is_file():
+        old = _flatten(json.loads(saved.read_text()))
+        new = _flatten(_config_json(config))
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
+                         and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_KEYS))
+        if changed:
+            raise RunError(f"cannot resume {out}: the config differs in {', '.join(changed)} "
+                           f"(only {', '.join(RESUMABLE_KEYS)} may change); start a new run directory")
+        return True
+    if resume:
+        raise RunError(f"cannot resume {out}: it has no config.json, so it is not a run directory")
+    if not force:
+        raise OutputExists(f"run directory {str(out)!r} already exists and is not empty; pass --resume to "
+                           f"continue it or --force to delete it")
+    return False
+
+
+def _create_run_dir(config: Config, out: Path) -> None:
+    """A new run directory holding only config.json (an existing one was allowed by --force)."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(_config_json(config), indent=2) + "\n")
+
+
+def _data_iterator(config: Config):
+    m = config.model
+    return train_batches(config.data, global_batch_size=config.train.batch_size, seed=config.seed,
+                         latent_shape=(m.sample_size, m.sample_size, m.in_channels),
+                         caption_length=config.data.caption_length, caption_dim=m.caption_channels,
+                         process_index=jax.process_index(), process_count=jax.process_count())
+
+
+class _Sampler:
+    """The periodic sample grid: the (EMA) student on fixed noise and the first captions of the data,
+    with 1, 2 and 4 steps. Latents are shown as their first three channels."""
+
+    def __init__(self, config: Config, mesh):
+        m, count = config.model, config.train.sample_count
+        first = next(train_batches(config.data, global_batch_size=count, seed=config.seed,
+                                   latent_shape=(m.sample_size, m.sample_size, m.in_channels),
+                                   caption_length=config.data.caption_length, caption_dim=m.caption_channels,
+                                   process_index=0, process_count=1))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self.caption = jax.device_put(first["caption"], replicated)
+        self.mask = jax.device_put(first["caption_mask"], replicated)
+        self.noise = jax.device_put(np.asarray(jax.random.normal(
+            jax.random.key(config.sample.seed), (count, m.sample_size, m.sample_size, m.in_channels))), replicated)
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: SanaTransformer(m, precision=config.precision,
+                                                                       rngs=nnx.Rngs(0))))
+        guidance = config.sample.guidance_scale
+
+        def sample(params, caption, mask, noise):
+            model = nnx.merge(graphdef, params)
+            return jnp.concatenate([few_step_sample(model, noise, caption, mask, jax.random.key(0), steps=n,
+                                                    guidance_scale=guidance) for n in SAMPLE_STEPS], axis=2)
+
+        self.sample = jax.jit(sample, out_shardings=replicated)
+
+    def write(self, state: TrainState, path: Path, logger: MetricsLogger, step: int, primary: bool) -> None:
+        params = state.ema.get("student", state.distill.params["student"])
+        latents = np.asarray(jax.device_get(self.sample(params, self.caption, self.mask, self.noise)))
+        if not primary:
+            return
+        grid = image_grid(latent_preview(latents), columns=1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        if logger.writer is not None:
+            logger.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")

@@ -1,0 +1,58 @@
+"""Optimizers of a training run, built from `TrainConfig` out of optax parts.
+
+Every trained network gets: global-norm clipping -> CAME or AdamW with a warm-up/decay schedule ->
+a non-finite guard (`optax.apply_if_finite`) that skips an update whose gradient has a NaN/Inf,
+leaves parameters and moments unchanged and counts it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from s2flash_jax.train.came import came
+
+
+def learning_rate_schedule(config) -> optax.Schedule:
+    """config: TrainConfig. Linear warm-up from 0, then constant / cosine / linear decay to
+    end_learning_rate over the remaining steps (counted in this network's updates)."""
+    peak, end, warmup = config.learning_rate, config.end_learning_rate, config.warmup_steps
+    if config.schedule == "constant":
+        decay = optax.constant_schedule(peak)
+    else:
+        # Each network is updated once per cycle; its schedule spans its own share of the steps.
+        remaining = max(1, config.steps - warmup)
+        decay = (optax.cosine_decay_schedule(peak, remaining, alpha=end / peak) if config.schedule == "cosine"
+                 else optax.linear_schedule(peak, end, remaining))
+    if not warmup:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def optimizer(kind: str, learning_rate: optax.ScalarOrSchedule, *, clip_norm: float, weight_decay: float = 0.0,
+              max_consecutive_skips: int = 100) -> optax.GradientTransformation:
+    """kind: "came" (SANA-Sprint's betas (0.9, 0.999, 0.9999) and eps (1e-30, 1e-16)) or "adamw"."""
+    if kind == "came":
+        base = came(learning_rate, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16), weight_decay=weight_decay)
+    elif kind == "adamw":
+        base = optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"optimizer {kind!r}; expected 'came' or 'adamw'")
+    # After max_consecutive_skips in a row the updates are applied anyway, so a diverged run
+    # surfaces as NaN parameters instead of silently stalling.
+    return optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(clip_norm), base),
+                                 max_consecutive_errors=max_consecutive_skips)
+
+
+def optimizer_from_config(config) -> optax.GradientTransformation:
+    """config: TrainConfig."""
+    return optimizer(config.optimizer, learning_rate_schedule(config), clip_norm=config.clip_norm,
+                     weight_decay=config.weight_decay, max_consecutive_skips=config.max_consecutive_skips)
+
+
+def skipped_updates(opt_state) -> jax.Array:
+    """[] int32: non-finite updates skipped so far, summed over every guard in `opt_state`."""
+    guards = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ApplyIfFiniteState))
+              if isinstance(s, optax.ApplyIfFiniteState)]
+    return sum((g.total_notfinite.astype(jnp.int32) for g in guards), jnp.zeros((), jnp.int32))

@@ -1,0 +1,76 @@
+"""The jitted training step: one phase update of the recipe plus EMA, with explicit shardings.
+
+`train_step` is a pure function of (state, batch); `compile_steps` jits it once per phase with the
+state's shardings in and out, the batch split over the (data, fsdp) devices and the state donated,
+so an update never holds two copies of the parameters or optimizer moments.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from s2flash_jax.parallel.mesh import batch_sharding, sharded_shapes
+from s2flash_jax.recipes.base import Metrics, Recipe
+from s2flash_jax.train.optim import skipped_updates
+from s2flash_jax.train.state import TrainState, ema_update
+
+
+def train_step(recipe: Recipe, ema_decay: float, phase: str, state: TrainState,
+               batch: dict[str, jax.Array]) -> tuple[TrainState, Metrics]:
+    """One update of the network `phase` trains. Metrics add "skipped_updates" (non-finite, so far)."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+    distill, metrics = recipe.phase_update(phase, state.distill, batch, key)
+    trained = recipe.phases[phase].trains
+    ema = state.ema
+    if trained in ema:
+        ema = {**ema, **ema_update({trained: ema[trained]}, distill.params, ema_decay)}
+    metrics = {**metrics, "skipped_updates": skipped_updates(distill.opt_state)}
+    return TrainState(distill=distill, ema=ema, key=state.key), metrics
+
+
+def compile_steps(recipe: Recipe, shardings: TrainState, mesh: Mesh, ema_decay: float) -> dict[str, jax.stages.Wrapped]:
+    """phase name -> jitted (state, batch) -> (state, metrics), state donated, metrics replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return {phase: jax.jit(functools.partial(train_step, recipe, ema_decay, phase),
+                           in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, replicated),
+                           donate_argnums=0)
+            for phase in recipe.phases}
+
+
+def abstract_batch(config, sharding: NamedSharding) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch a step of `config` (s2flash_jax.config.Config) takes, as shapes."""
+    m, b, length = config.model, config.train.batch_size, config.data.caption_length
+    return {"latents": jax.ShapeDtypeStruct((b, m.sample_size, m.sample_size, m.in_channels), jnp.float32,
+                                            sharding=sharding),
+            "caption": jax.ShapeDtypeStruct((b, length, m.caption_channels), jnp.float32, sharding=sharding),
+            "caption_mask": jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=sharding)}
+
+
+def compile_ahead(recipe: Recipe, shardings: TrainState, mesh: Mesh, config, abstract: TrainState,
+                  log: Callable[[str], None] | None = None) -> dict[str, jax.stages.Compiled]:
+    """Every phase's step compiled for abstract inputs: callable like the jitted step, and its cost
+    and memory analyses are known before the first batch."""
+    state_spec = sharded_shapes(abstract, shardings)
+    batch_spec = abstract_batch(config, batch_sharding(mesh))
+    compiled = {}
+    for phase, fn in compile_steps(recipe, shardings, mesh, config.train.ema_decay).items():
+        start = time.perf_counter()
+        with jax.set_mesh(mesh):
+            compiled[phase] = fn.lower(state_spec, batch_spec).compile()
+        if log:
+            log(f"compiled the {phase} step in {time.perf_counter() - start:.1f}s")
+    return compiled
+
+
+def compiled_flops(compiled: jax.stages.Compiled) -> float:
+    """FLOPs of one call on one device, as XLA's cost analysis counts them (0 if unknown)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list):
+        analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get("flops", 0.0))
