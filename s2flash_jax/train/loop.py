@@ -64,6 +64,9 @@ def train(config: Config, out: str | Path, *, resume: bool = False, force: bool 
     """
     out = Path(out)
     primary = jax.process_index() == 0
+    if config.train.teacher_checkpoint:
+        raise RunError("train.teacher_checkpoint is not read yet (the model-checkpoint importer is issue 4); "
+                       "leave it empty to distil a randomly initialised teacher")
     mesh = make_mesh(config.mesh)
     _check_batch(config, mesh)
     continuing = _check_run_dir(config, out, resume=resume, force=force)
