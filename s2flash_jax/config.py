@@ -63,7 +63,8 @@ class TrainConfig:
       network's own updates (half the global steps when generator and discriminator alternate).
     ema_decay: 0 keeps no EMA student; otherwise ema = decay·ema + (1-decay)·student after every
       student update. teacher_dtype: "bfloat16" stores the frozen teacher in half the memory.
-    teacher_checkpoint: a model checkpoint to distil from (empty: random weights, for smoke runs);
+    teacher_checkpoint: a model checkpoint to distil from (empty: random weights, for smoke runs; not
+      read yet, so a non-empty value is refused until the importer of issue 4 lands);
       init_student_from_teacher copies every parameter the two share into the student.
     Every *_every is in global steps; 0 turns it off.
     """
