@@ -55,8 +55,6 @@ class DataConfig:
     num_workers: grain worker processes (0 = read in this process, with threads).
     prefetch_buffer: batches read ahead. drop_caption_text: leave the caption string out of
     batches (the training step does not use it; keep it for logging samples).
-    caption_length: L, the token count every caption is padded to (SANA: 300); records may be
-    shorter, never longer.
     """
 
     source: str = "arrayrecord"
@@ -67,7 +65,6 @@ class DataConfig:
     num_workers: int = 0
     prefetch_buffer: int = 2
     drop_caption_text: bool = True
-    caption_length: int = 300
 
     def __post_init__(self):
         # Only per-key checks: overrides are applied one key at a time, so a check across keys
@@ -83,8 +80,6 @@ class DataConfig:
             raise ValueError(f"data.num_workers={self.num_workers} must be >= 0")
         if self.prefetch_buffer < 0:
             raise ValueError(f"data.prefetch_buffer={self.prefetch_buffer} must be >= 0")
-        if self.caption_length < 1:
-            raise ValueError(f"data.caption_length={self.caption_length} must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
