@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _mesh_overrides(spec: str) -> list[str]:
+def mesh_overrides(spec: str) -> list[str]:
     """"data=2,fsdp=4" -> ["mesh.data=2", "mesh.fsdp=4"]."""
     items = [item.strip() for item in spec.split(",") if item.strip()]
     bad = [item for item in items if item.partition("=")[0] not in ("data", "fsdp", "tensor") or "=" not in item]
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             # Must happen before JAX starts a backend: the plan runs on fake CPU devices only.
             jax.config.update("jax_platforms", "cpu")
             jax.config.update("jax_num_cpu_devices", args.devices)
-            args.overrides = [*args.overrides, *_mesh_overrides(args.mesh)]
+            args.overrides = [*args.overrides, *mesh_overrides(args.mesh)]
         config = load_config(args.config, args.overrides)
         if args.command == "sample":
             from s2flash_jax.sampling import run_sample

@@ -10,6 +10,7 @@ fake CPU devices set in XLA_FLAGS (fixed when JAX starts). Each prints one JSON 
 import json
 import sys
 
+from s2flash_jax.cli import mesh_overrides
 from s2flash_jax.config import load_config
 from s2flash_jax.parallel.distributed import initialize
 from s2flash_jax.train.loop import train
@@ -24,10 +25,6 @@ def tiny(data: str, *overrides: str):
 
 def losses(config, out, **kwargs) -> list[dict[str, float]]:
     return train(config, out, record_losses=True, quiet=True, force=True, **kwargs).losses
-
-
-def mesh_overrides(spec: str) -> list[str]:
-    return [f"mesh.{item}" for item in spec.split(",")]
 
 
 def main(mode: str, data: str, out: str, *rest: str) -> None:

@@ -70,7 +70,7 @@ def train(config: Config, out: str | Path, *, resume: bool = False, force: bool 
     mesh = make_mesh(config.mesh)
     _check_batch(config, mesh)
     continuing = _check_run_dir(config, out, resume=resume, force=force)
-    data_it = _data_iterator(config)
+    data_it = _data_iterator(config, config.train.batch_size, jax.process_index(), jax.process_count())
     # A fresh run reads its first batch before writing anything, so bad data leaves no run behind.
     first_batch = None if continuing else next(data_it)
     if not continuing and primary:
@@ -86,9 +86,7 @@ def train(config: Config, out: str | Path, *, resume: bool = False, force: bool 
         state, start = restored.state, restored.step
         _say(primary and not quiet, f"resumed from {out / 'checkpoints' / str(start)}")
     else:
-        with jax.set_mesh(mesh):
-            state = jax.jit(setup.init, out_shardings=shardings)()
-        start = 0
+        state, start = setup.create(mesh, shardings), 0
 
     recipe = setup.recipe
     data_sharding = batch_sharding(mesh)
@@ -117,6 +115,7 @@ def train(config: Config, out: str | Path, *, resume: bool = False, force: bool 
                 if sampler and step % config.train.sample_every == 0:
                     sampler.write(state, out / "samples" / f"step_{step:07d}.png", logger, step, primary)
     finally:
+        data_it.close()
         checkpoints.wait()
         checkpoints.close()
         logger.close(step)
@@ -179,12 +178,13 @@ def _create_run_dir(config: Config, out: Path) -> None:
     (out / "config.json").write_text(json.dumps(_config_json(config), indent=2) + "\n")
 
 
-def _data_iterator(config: Config):
+def _data_iterator(config: Config, batch_size: int, process_index: int, process_count: int):
+    """The training stream of `config` in global batches of batch_size, this process's rows."""
     m = config.model
-    return train_batches(config.data, global_batch_size=config.train.batch_size, seed=config.seed,
+    return train_batches(config.data, global_batch_size=batch_size, seed=config.seed,
                          latent_shape=(m.sample_size, m.sample_size, m.in_channels),
                          caption_length=config.data.caption_length, caption_dim=m.caption_channels,
-                         process_index=jax.process_index(), process_count=jax.process_count())
+                         process_index=process_index, process_count=process_count)
 
 
 class _Sampler:
@@ -193,10 +193,9 @@ class _Sampler:
 
     def __init__(self, config: Config, mesh):
         m, count = config.model, config.train.sample_count
-        first = next(train_batches(config.data, global_batch_size=count, seed=config.seed,
-                                   latent_shape=(m.sample_size, m.sample_size, m.in_channels),
-                                   caption_length=config.data.caption_length, caption_dim=m.caption_channels,
-                                   process_index=0, process_count=1))
+        stream = _data_iterator(config, count, process_index=0, process_count=1)
+        first = next(stream)
+        stream.close()
         replicated = NamedSharding(mesh, PartitionSpec())
         self.caption = jax.device_put(first["caption"], replicated)
         self.mask = jax.device_put(first["caption_mask"], replicated)

@@ -49,6 +49,11 @@ class Initialiser:
     init: Callable[[], TrainState]
     abstract: TrainState
 
+    def create(self, mesh: Mesh, shardings: TrainState) -> TrainState:
+        """Run the initialisation with every leaf created directly in its shard."""
+        with jax.set_mesh(mesh):
+            return jax.jit(self.init, out_shardings=shardings)()
+
 
 def _build(config) -> tuple[Recipe, TrainState]:
     """The SANA-Sprint recipe over freshly initialised networks. config: s2flash_jax.config.Config."""
@@ -102,11 +107,9 @@ def create_train_state(config, mesh: Mesh) -> tuple[Recipe, TrainState, TrainSta
     """(recipe, state, shardings): the initial state laid out on `mesh` as the rules table says."""
     setup = initialiser(config)
     shardings = tree_shardings(setup.abstract, mesh)
-    with jax.set_mesh(mesh):
-        state = jax.jit(setup.init, out_shardings=shardings)()
-    return setup.recipe, state, shardings
+    return setup.recipe, setup.create(mesh, shardings), shardings
 
 
-def ema_update(ema: dict[str, Any], params: dict[str, Any], decay: float) -> dict[str, Any]:
-    """ema <- decay·ema + (1 - decay)·params for every network that has an EMA copy."""
-    return {name: optax.incremental_update(params[name], old, 1.0 - decay) for name, old in ema.items()}
+def ema_update(ema: Any, params: Any, decay: float) -> Any:
+    """decay·ema + (1 - decay)·params, leaf by leaf."""
+    return optax.incremental_update(params, ema, 1.0 - decay)

@@ -29,7 +29,7 @@ def train_step(recipe: Recipe, ema_decay: float, phase: str, state: TrainState,
     trained = recipe.phases[phase].trains
     ema = state.ema
     if trained in ema:
-        ema = {**ema, **ema_update({trained: ema[trained]}, distill.params, ema_decay)}
+        ema = {**ema, trained: ema_update(ema[trained], distill.params[trained], ema_decay)}
     metrics = {**metrics, "skipped_updates": skipped_updates(distill.opt_state)}
     return TrainState(distill=distill, ema=ema, key=state.key), metrics
 
