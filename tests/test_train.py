@@ -10,10 +10,11 @@ import pytest
 from flax import nnx
 
 from s2flash_jax.cli import main
-from s2flash_jax.config import load_config
+from s2flash_jax.config import TrainConfig, load_config
 from s2flash_jax.data.records import write_shards
 from s2flash_jax.parallel.mesh import make_mesh
 from s2flash_jax.train.state import create_train_state
+from s2flash_jax.train.optim import learning_rate_schedule
 from s2flash_jax.train.step import train_step
 from s2flash_jax.train.loop import train
 from tests.conftest import REPO
@@ -133,3 +134,12 @@ def test_bad_input_gets_one_clear_error(dataset, tmp_path, capsys):
     assert "already exists" in err and "--resume" in err
     assert run_cli("--out", out, "--resume", f"data.path={dataset}", "train.steps=2", "train.learning_rate=1") == 2
     assert "config differs in train.learning_rate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_schedule_warms_up_then_decays_over_the_networks_own_updates(kind):
+    config = TrainConfig(steps=100, schedule=kind, learning_rate=1e-3, end_learning_rate=1e-5, warmup_steps=10)
+    schedule = learning_rate_schedule(config, updates=50)  # one network's share when two phases alternate
+    np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(50)], [0.0, 5e-4, 1e-3, 1e-5],
+                               rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(schedule(30), 1e-5 + 0.5 * (1e-3 - 1e-5), rtol=1e-5)  # half-way: both kinds

@@ -95,7 +95,8 @@ def train(config: Config, out: str | Path, *, resume: bool = False, force: bool 
     end = config.train.steps if stop_after is None else min(config.train.steps, start + stop_after)
     logger = MetricsLogger(out / "tensorboard", total_steps=config.train.steps, start_step=start,
                            every=config.train.log_every, examples_per_step=config.train.batch_size,
-                           flops_per_step={p: compiled_flops(c) for p, c in steps.items()}, enabled=primary and not quiet)
+                           flops_per_step={p: compiled_flops(c) for p, c in steps.items()},
+                           enabled=primary and not quiet)
     sampler = _Sampler(config, mesh) if config.train.sample_every else None
     losses: list[dict[str, float]] = []
     step = start

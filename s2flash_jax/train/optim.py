@@ -14,15 +14,15 @@ import optax
 from s2flash_jax.train.came import came
 
 
-def learning_rate_schedule(config) -> optax.Schedule:
-    """config: TrainConfig. Linear warm-up from 0, then constant / cosine / linear decay to
-    end_learning_rate over the remaining steps (counted in this network's updates)."""
+def learning_rate_schedule(config, updates: int) -> optax.Schedule:
+    """config: TrainConfig; updates: how many updates this network gets in the run. Linear warm-up
+    from 0 over warmup_steps of them, then constant / cosine / linear decay reaching
+    end_learning_rate at the last one."""
     peak, end, warmup = config.learning_rate, config.end_learning_rate, config.warmup_steps
     if config.schedule == "constant":
         decay = optax.constant_schedule(peak)
     else:
-        # Each network is updated once per cycle; its schedule spans its own share of the steps.
-        remaining = max(1, config.steps - warmup)
+        remaining = max(1, updates - warmup)
         decay = (optax.cosine_decay_schedule(peak, remaining, alpha=end / peak) if config.schedule == "cosine"
                  else optax.linear_schedule(peak, end, remaining))
     if not warmup:
@@ -45,9 +45,9 @@ def optimizer(kind: str, learning_rate: optax.ScalarOrSchedule, *, clip_norm: fl
                                  max_consecutive_errors=max_consecutive_skips)
 
 
-def optimizer_from_config(config) -> optax.GradientTransformation:
-    """config: TrainConfig."""
-    return optimizer(config.optimizer, learning_rate_schedule(config), clip_norm=config.clip_norm,
+def optimizer_from_config(config, updates: int) -> optax.GradientTransformation:
+    """config: TrainConfig; updates: how many updates the network it optimises gets in the run."""
+    return optimizer(config.optimizer, learning_rate_schedule(config, updates), clip_norm=config.clip_norm,
                      weight_decay=config.weight_decay, max_consecutive_skips=config.max_consecutive_skips)
 
 

@@ -10,6 +10,7 @@ under jit with those out_shardings: no process ever holds an unsharded copy of a
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -64,9 +65,13 @@ def _build(config) -> tuple[Recipe, TrainState]:
     teacher = SanaTransformer(config.teacher, precision=config.precision, rngs=nnx.Rngs(seeds[1]))
     heads = discriminator_for(teacher, config.sana_sprint, rngs=nnx.Rngs(seeds[2]))
     null_caption = jnp.zeros((config.data.caption_length, config.teacher.caption_channels), jnp.float32)
-    tx = optimizer_from_config(config.train)
+    # Each network is updated only in its phase of the cycle; its schedule spans its share of the steps.
+    cycle = list(config.sana_sprint.cycle)
+    updates = {net: math.ceil(config.train.steps * cycle.count(phase) / len(cycle))
+               for net, phase in (("student", "generator"), ("discriminator", "discriminator"))}
+    optimizers = {net: optimizer_from_config(config.train, n) for net, n in updates.items()}
     recipe, distill = sana_sprint(student, teacher, heads, null_caption, config=config.sana_sprint,
-                                  optimizers={"student": tx, "discriminator": tx})
+                                  optimizers=optimizers)
     if config.train.init_student_from_teacher:
         distill = distill.replace(params={**distill.params, "student": copy_shared(
             distill.frozen["teacher"], distill.params["student"])})
