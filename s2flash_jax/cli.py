@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 import jax
 
@@ -29,12 +30,24 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     sample = commands.add_parser(
-        "sample", help="sample latents with a few-step flow sampler and write a preview",
-        description="Sample latents from a SANA transformer (randomly initialised from the config until "
-                    "checkpoints land) and write latents.npy, preview.png and config.json to --out.")
-    _add_config_args(sample)
-    sample.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    sample.add_argument("--force", action="store_true", help="replace an existing output directory")
+        "sample", help="sample images from a model checkpoint, or latents from a config's random model",
+        description="With --ckpt: generate images for --prompt/--prompts-file from a model checkpoint that carries "
+                    "its text encoder and autoencoder (as `s2flash demo` exports) and write PNGs (the prompt and "
+                    "settings in their metadata). With --config: sample latents from the config's randomly "
+                    "initialised transformer and write latents.npy, preview.png and config.json.")
+    sample.add_argument("--config", help="config file, optionally with a variant: configs/tiny.py[:ARG]")
+    sample.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted config overrides (with --config), e.g. sample.steps=2")
+    sample.add_argument("--ckpt", help="model checkpoint directory (e.g. runs/shapes-demo/student/model)")
+    sample.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    sample.add_argument("--prompts-file", help="a text file with one prompt per line")
+    sample.add_argument("--steps", type=int, default=1, help="sampling steps (with --ckpt; default 1)")
+    sample.add_argument("--seed", type=int, default=0, help="noise seed (with --ckpt)")
+    sample.add_argument("--guidance-scale", type=float, default=None,
+                        help="override the checkpoint's guidance scale (with --ckpt)")
+    sample.add_argument("--out", required=True,
+                        help="with --ckpt: a .png file for one prompt, else a directory; with --config: a directory")
+    sample.add_argument("--force", action="store_true", help="replace an existing output")
 
     train = commands.add_parser(
         "train", help="distil the config's teacher into its student (SANA-Sprint sCM + LADD)",
@@ -48,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--force", action="store_true", help="delete an existing run directory and start over")
     train.add_argument("--stop-after", type=int, default=None, metavar="N",
                        help="end this invocation after N updates with a checkpoint (a preemption drill)")
+    train.add_argument("--export", default=None, metavar="CKPT",
+                       help="when the run is complete, write its product (EMA if kept) as a model checkpoint here, "
+                            "e.g. a trained teacher for another run's train.teacher_checkpoint")
 
     plan = commands.add_parser(
         "plan", help="per-device memory of the training step on a mesh, without the accelerators",
@@ -61,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--devices", type=int, required=True, help="number of devices of the target slice")
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object (bytes per device)")
 
+    demo = commands.add_parser(
+        "demo", help="the built-in shapes demo: train a teacher, distil a 1-4 step student, evaluate (CPU)",
+        description="Train a tiny SANA teacher with flow matching on procedural 32x32 shape images, transform it "
+                    "to TrigFlow and distil a SANA-Sprint student (sCM + LADD), then sample held-out prompts with "
+                    "the teacher (20 steps) and the student (1, 2, 4 steps) and score them: grid.png, metrics.md, "
+                    "metrics.json, TensorBoard logs. About 10 minutes on 2 CPU cores; resumes when rerun.")
+    demo.add_argument("--out", default="runs/shapes-demo", help="demo directory (default: runs/shapes-demo)")
+    demo.add_argument("--quick", action="store_true", help="a short run (about 2 minutes) for tests and a first look")
+    demo.add_argument("--force", action="store_true", help="delete an existing demo directory and start over")
+
     precompute = commands.add_parser(
         "precompute", help="encode an image folder with captions into training shards (DC-AE + text encoder)",
         description="Encode images with diffusers' AutoencoderDC and captions with a transformers text encoder "
@@ -68,6 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "Needs the [torch] extra; resumable with --resume.")
     add_precompute_arguments(precompute)
     return parser
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise ConfigError(f"--prompts-file {str(path)!r} does not exist")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError("sample --ckpt needs at least one --prompt or a --prompts-file")
+    return prompts
 
 
 def mesh_overrides(spec: str) -> list[str]:
@@ -82,10 +120,12 @@ def mesh_overrides(spec: str) -> list[str]:
 def _input_errors() -> tuple[type[Exception], ...]:
     """Errors that mean bad input (data, run directory, mesh): one line, exit code 2."""
     from s2flash_jax.data.records import DataError
+    from s2flash_jax.model_checkpoint import CheckpointError
+    from s2flash_jax.pipeline import PromptError
     from s2flash_jax.parallel.mesh import MeshError
     from s2flash_jax.train.loop import RunError
 
-    return DataError, MeshError, RunError
+    return DataError, MeshError, RunError, CheckpointError, PromptError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +133,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "precompute":
         return run_precompute(args)
     try:
+        if args.command == "demo":
+            from s2flash_jax.demo import run_shapes_demo
+
+            run_shapes_demo(Path(args.out), quick=args.quick, force=args.force)
+            return 0
+        if args.command == "sample" and args.ckpt:
+            from s2flash_jax.pipeline import run_sample_checkpoint
+
+            if args.config or args.overrides:
+                raise ConfigError("sample: give either --ckpt (a trained model) or --config (a random model), not both")
+            run_sample_checkpoint(args.ckpt, _prompts(args), out=args.out, steps=args.steps, seed=args.seed,
+                                  guidance_scale=args.guidance_scale, force=args.force)
+            return 0
+        if args.config is None:
+            raise ConfigError(f"{args.command}: --config (or, for sample, --ckpt) is required")
         if args.command == "plan":
             if args.devices < 1:
                 raise ConfigError(f"--devices {args.devices} must be >= 1")
@@ -110,7 +165,14 @@ def main(argv: list[str] | None = None) -> int:
             from s2flash_jax.train.loop import train
 
             initialize()
-            train(config, args.out, resume=args.resume, force=args.force, stop_after=args.stop_after)
+            if args.export and jax.process_count() > 1:
+                raise ConfigError("--export runs in one process for now; export a multi-host run's checkpoint "
+                                  "from one process afterwards")
+            if args.export and Path(args.export).exists() and not args.force:
+                raise OutputExists(f"--export {args.export!r} already exists; pass --force to replace it")
+            result = train(config, args.out, resume=args.resume, force=args.force, stop_after=args.stop_after)
+            if args.export and result.step == config.train.steps:
+                print(f"exported the {result.product} to {result.export(config, args.export, force=args.force)}")
         elif args.command == "plan":
             from s2flash_jax.train.plan import plan_memory
 

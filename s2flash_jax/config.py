@@ -21,7 +21,10 @@ from s2flash_jax.data.pipeline import DataConfig
 from s2flash_jax.models.sana import SanaConfig
 from s2flash_jax.parallel.mesh import MeshConfig
 from s2flash_jax.precision import Precision
+from s2flash_jax.recipes.flow_matching import FlowMatchingConfig
 from s2flash_jax.recipes.sana_sprint import SanaSprintConfig
+
+RECIPES = ("sana_sprint", "flow_matching")
 
 
 class ConfigError(ValueError):
@@ -63,8 +66,8 @@ class TrainConfig:
       network's own updates (half the global steps when generator and discriminator alternate).
     ema_decay: 0 keeps no EMA student; otherwise ema = decay·ema + (1-decay)·student after every
       student update. teacher_dtype: "bfloat16" stores the frozen teacher in half the memory.
-    teacher_checkpoint: a model checkpoint to distil from (empty: random weights, for smoke runs; not
-      read yet, so a non-empty value is refused until the importer of issue 4 lands);
+    teacher_checkpoint: a model checkpoint (s2flash_jax/model_checkpoint.py) holding the teacher to
+      distil from, with config.teacher's architecture (empty: random weights, for smoke runs);
       init_student_from_teacher copies every parameter the two share into the student.
     Every *_every is in global steps; 0 turns it off.
     """
@@ -108,10 +111,12 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """A whole run. model is the network `sample` runs and `train` trains (the student);
-    teacher is the frozen network a distillation recipe distils from."""
+    """A whole run. model is the network `sample` runs and `train` trains (the student; for the
+    flow_matching recipe, the teacher being trained); teacher is the frozen network a distillation
+    recipe distils from. recipe: one of RECIPES; its settings are the section of the same name."""
 
     model: SanaConfig
+    recipe: str = "sana_sprint"
     teacher: SanaConfig | None = None
     precision: Precision = Precision()
     sample: SampleConfig = SampleConfig()
@@ -119,7 +124,12 @@ class Config:
     data: DataConfig = DataConfig()
     mesh: MeshConfig = MeshConfig()
     sana_sprint: SanaSprintConfig = SanaSprintConfig()
+    flow_matching: FlowMatchingConfig = FlowMatchingConfig()
     seed: int = 0
+
+    def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe={self.recipe!r}; expected one of {RECIPES}")
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> Config:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -36,6 +37,29 @@ def fresh_output_dir(path: str | Path, *, force: bool) -> Iterator[Path]:
     if path.exists():
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     staging.rename(path)
+
+
+@contextlib.contextmanager
+def fresh_output_file(path: str | Path, *, force: bool) -> Iterator[Path]:
+    """Yield a temporary path that becomes `path` only if the block finishes without error.
+
+    An existing `path` is an error unless force=True.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputExists(f"output {str(path)!r} already exists; pass --force to replace it")
+    if path.is_dir():
+        raise OutputExists(f"output {str(path)!r} is a directory; expected a file path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix=path.suffix, dir=path.parent)
+    os.close(handle)
+    staging = Path(name)
+    try:
+        yield staging
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    staging.replace(path)
 
 
 def image_grid(images: np.ndarray, columns: int | None = None) -> Image.Image:

@@ -19,19 +19,21 @@ import numpy as np
 from flax import nnx
 
 from s2flash_jax.config import Config
-from s2flash_jax.flows.flow_matching import euler_sample, time_embedder_input
+from s2flash_jax.flows.flow_matching import classifier_free_guidance, euler_sample, time_embedder_input
 from s2flash_jax.flows.trigflow import SIGMA_DATA, scm_sample, scm_timesteps, trigflow_from_flow_matching
 from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.outputs import fresh_output_dir, image_grid
 
 
 def few_step_sample(model: SanaTransformer, noise: jax.Array, caption: jax.Array, caption_mask: jax.Array | None,
-                    key: jax.Array, *, steps: int, guidance_scale: float, flow_shift: float = 1.0) -> jax.Array:
+                    key: jax.Array, *, steps: int, guidance_scale: float, flow_shift: float = 1.0,
+                    null_caption: jax.Array | None = None) -> jax.Array:
     """Unit-scale latents [B, H, W, C] from noise [B, H, W, C] for captions [B, L, C_text].
 
     A student (guidance embedding) samples as SanaSprintPipeline: multistep consistency sampling
     of its TrigFlow wrapper, guidance embedding fed guidance_scale x guidance_embeds_scale. A flow
-    teacher takes Euler steps on the flow_shift-warped schedule, without guidance.
+    teacher takes Euler steps on the flow_shift-warped schedule, with classifier-free guidance
+    against null_caption [L, C_text] (paired with each prompt's mask) when one is given.
     """
     mcfg = model.config
     guidance = (jnp.full((noise.shape[0],), guidance_scale * mcfg.guidance_embeds_scale)
@@ -43,7 +45,16 @@ def few_step_sample(model: SanaTransformer, noise: jax.Array, caption: jax.Array
     if mcfg.guidance_embeds:
         return scm_sample(trigflow_from_flow_matching(velocity), noise, key,
                           scm_timesteps(steps)) / SIGMA_DATA
-    return euler_sample(velocity, noise, steps, shift=flow_shift)
+    if null_caption is None or guidance_scale == 1.0:
+        return euler_sample(velocity, noise, steps, shift=flow_shift)
+    captions = jnp.concatenate([jnp.broadcast_to(null_caption.astype(caption.dtype), caption.shape), caption])
+    masks = None if caption_mask is None else jnp.concatenate([caption_mask, caption_mask])
+
+    def guided_velocity(x, s):
+        both = model(jnp.concatenate([x, x]), time_embedder_input(mcfg, jnp.concatenate([s, s])), captions, masks)
+        return classifier_free_guidance(*jnp.split(both, 2), guidance_scale)
+
+    return euler_sample(guided_velocity, noise, steps, shift=flow_shift)
 
 
 def sample_latents(model: SanaTransformer, config: Config) -> jax.Array:

@@ -51,7 +51,9 @@ class Phase:
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """name; trains / frozen: network names; phases: by name; cycle: phase names repeated forever
-    (("generator", "discriminator") alternates one update each); optimizers: one per trained network."""
+    (("generator", "discriminator") alternates one update each); optimizers: one per trained network;
+    product: the trained network the run is for (the one the config's `model` describes, kept as
+    EMA, sampled and exported); None means the first trained network."""
 
     name: str
     trains: Sequence[str]
@@ -59,8 +61,11 @@ class Recipe:
     phases: Mapping[str, Phase]
     cycle: Sequence[str]
     optimizers: Mapping[str, optax.GradientTransformation]
+    product: str | None = None
 
     def __post_init__(self):
+        if self.product is None and self.trains:
+            object.__setattr__(self, "product", self.trains[0])
         unknown = [p for p in self.cycle if p not in self.phases]
         if not self.cycle or unknown:
             raise ValueError(f"recipe {self.name}: cycle {list(self.cycle)} must be non-empty and name only "
@@ -69,6 +74,9 @@ class Recipe:
             if phase.trains not in self.trains:
                 raise ValueError(f"recipe {self.name}: phase {phase.name} trains {phase.trains!r}, "
                                  f"which is not among the trained networks {list(self.trains)}")
+        if self.product not in self.trains:
+            raise ValueError(f"recipe {self.name}: product {self.product!r} is not among the trained networks "
+                             f"{list(self.trains)}")
         if set(self.optimizers) != set(self.trains):
             raise ValueError(f"recipe {self.name}: optimizers for {sorted(self.optimizers)} but it trains "
                              f"{sorted(self.trains)}")

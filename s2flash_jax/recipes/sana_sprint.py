@@ -202,7 +202,7 @@ def sana_sprint(student: SanaTransformer, teacher: SanaTransformer, discriminato
         name="sana_sprint", trains=("student", "discriminator"), frozen=("teacher", "null_caption"),
         phases={"generator": Phase("generator", "student", nets.generator_loss),
                 "discriminator": Phase("discriminator", "discriminator", nets.discriminator_loss)},
-        cycle=tuple(config.cycle), optimizers=optimizers)
+        cycle=tuple(config.cycle), optimizers=optimizers, product="student")
     state = recipe.init_state(
         params={"student": s_params, "discriminator": d_params},
         frozen={"teacher": t_params, "null_caption": jnp.asarray(null_caption),

@@ -4,7 +4,8 @@ RUN_DIR/
   config.json          the resolved config (a resumed run must match it, up to RESUMABLE_KEYS)
   checkpoints/<step>/  orbax: train state, data-iterator position per process, metadata
   tensorboard/         event files (losses, gradient norms, step time, examples/s, MFU)
-  samples/step_<n>.png periodic sample grid (rows: captions, columns: 1, 2, 4 student steps)
+  samples/step_<n>.png periodic sample grid (rows: captions, columns: 1, 2, 4 student steps or
+                       5, 10, 20 teacher steps)
 
 The same code runs on one CPU and on a pod: every process runs this loop, feeds its slice of each
 global batch, and only process 0 prints or writes anything outside checkpoints.
@@ -26,19 +27,21 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from s2flash_jax.config import Config
 from s2flash_jax.data.pipeline import global_batch, train_batches
+from s2flash_jax.model_checkpoint import save_model
 from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.outputs import OutputExists, image_grid
 from s2flash_jax.parallel.mesh import batch_sharding, make_mesh, sharded_shapes, tree_shardings
 from s2flash_jax.sampling import few_step_sample, latent_preview
 from s2flash_jax.train.checkpoint import RunCheckpoints
 from s2flash_jax.train.metrics import MetricsLogger
-from s2flash_jax.train.state import TrainState, initialiser
+from s2flash_jax.train.state import TrainState, initialiser, product_params
 from s2flash_jax.train.step import compile_ahead, compiled_flops
 
 # Config keys a resumed run may change: how long, how often, and how the work is laid out.
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                   "train.sample_every", "mesh.", "data.num_workers", "data.prefetch_buffer")
 SAMPLE_STEPS = (1, 2, 4)
+FLOW_SAMPLE_STEPS = (5, 10, 20)
 
 
 class RunError(ValueError):
@@ -51,6 +54,11 @@ class RunResult:
     step: int
     history: list[dict[str, float]]
     losses: list[dict[str, float]]  # every update's metrics when record_losses, else empty
+    product: str  # the trained network the run is for (recipe.product)
+
+    def export(self, config: Config, path: str | Path, **save_options) -> Path:
+        """Write the run's product (its EMA, if kept) as a model checkpoint; see model_checkpoint.save_model."""
+        return save_model(path, config.model, product_params(self.state, self.product), **save_options)
 
 
 def train(config: Config, out: str | Path, *, resume: bool = False, force: bool = False,
@@ -64,12 +72,10 @@ def train(config: Config, out: str | Path, *, resume: bool = False, force: bool 
     """
     out = Path(out)
     primary = jax.process_index() == 0
-    if config.train.teacher_checkpoint:
-        raise RunError("train.teacher_checkpoint is not read yet (the model-checkpoint importer is issue 4); "
-                       "leave it empty to distil a randomly initialised teacher")
     mesh = make_mesh(config.mesh)
     _check_batch(config, mesh)
     continuing = _check_run_dir(config, out, resume=resume, force=force)
+    setup = initialiser(config)  # checks a teacher checkpoint before anything is written
     data_it = _data_iterator(config, config.train.batch_size, jax.process_index(), jax.process_count())
     # A fresh run reads its first batch before writing anything, so bad data leaves no run behind.
     first_batch = None if continuing else next(data_it)
@@ -78,7 +84,6 @@ def train(config: Config, out: str | Path, *, resume: bool = False, force: bool 
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("s2flash run directory ready")
 
-    setup = initialiser(config)
     shardings = tree_shardings(setup.abstract, mesh)
     checkpoints = RunCheckpoints(out / "checkpoints", keep=config.train.keep_checkpoints)
     restored = checkpoints.restore_newest(sharded_shapes(setup.abstract, shardings), data_it) if resume else None
@@ -97,7 +102,7 @@ def train(config: Config, out: str | Path, *, resume: bool = False, force: bool 
                            every=config.train.log_every, examples_per_step=config.train.batch_size,
                            flops_per_step={p: compiled_flops(c) for p, c in steps.items()},
                            enabled=primary and not quiet)
-    sampler = _Sampler(config, mesh) if config.train.sample_every else None
+    sampler = _Sampler(config, mesh, setup.recipe.product) if config.train.sample_every else None
     losses: list[dict[str, float]] = []
     step = start
     try:
@@ -121,7 +126,7 @@ def train(config: Config, out: str | Path, *, resume: bool = False, force: bool 
         checkpoints.close()
         logger.close(step)
     _say(primary and not quiet, f"stopped at step {step} of {config.train.steps}; checkpoints in {out / 'checkpoints'}")
-    return RunResult(state=state, step=step, history=logger.history, losses=losses)
+    return RunResult(state=state, step=step, history=logger.history, losses=losses, product=recipe.product)
 
 
 def _say(enabled: bool, text: str) -> None:
@@ -189,11 +194,13 @@ def _data_iterator(config: Config, batch_size: int, process_index: int, process_
 
 
 class _Sampler:
-    """The periodic sample grid: the (EMA) student on fixed noise and the first captions of the data,
-    with 1, 2 and 4 steps. Latents are shown as their first three channels."""
+    """The periodic sample grid: the run's (EMA) product on fixed noise and the first captions of the
+    data, a student with 1, 2 and 4 steps, a flow model with 5, 10 and 20 guided Euler steps.
+    Latents are shown as their first three channels."""
 
-    def __init__(self, config: Config, mesh):
+    def __init__(self, config: Config, mesh, product: str):
         m, count = config.model, config.train.sample_count
+        self.product = product
         stream = _data_iterator(config, count, process_index=0, process_count=1)
         first = next(stream)
         stream.close()
@@ -205,17 +212,20 @@ class _Sampler:
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: SanaTransformer(m, precision=config.precision,
                                                                        rngs=nnx.Rngs(0))))
         guidance = config.sample.guidance_scale
+        steps = SAMPLE_STEPS if m.guidance_embeds else FLOW_SAMPLE_STEPS
 
-        def sample(params, caption, mask, noise):
+        def sample(params, null_caption, caption, mask, noise):
             model = nnx.merge(graphdef, params)
             return jnp.concatenate([few_step_sample(model, noise, caption, mask, jax.random.key(0), steps=n,
-                                                    guidance_scale=guidance) for n in SAMPLE_STEPS], axis=2)
+                                                    guidance_scale=guidance, null_caption=null_caption)
+                                    for n in steps], axis=2)
 
         self.sample = jax.jit(sample, out_shardings=replicated)
 
     def write(self, state: TrainState, path: Path, logger: MetricsLogger, step: int, primary: bool) -> None:
-        params = state.ema.get("student", state.distill.params["student"])
-        latents = np.asarray(jax.device_get(self.sample(params, self.caption, self.mask, self.noise)))
+        params = product_params(state, self.product)
+        latents = np.asarray(jax.device_get(self.sample(params, state.distill.frozen["null_caption"], self.caption,
+                                                        self.mask, self.noise)))
         if not primary:
             return
         grid = image_grid(latent_preview(latents), columns=1)

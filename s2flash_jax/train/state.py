@@ -20,9 +20,11 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
+from s2flash_jax.model_checkpoint import CheckpointError, check_architecture, load_params
 from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.parallel.mesh import tree_shardings
 from s2flash_jax.recipes.base import DistillState, Recipe
+from s2flash_jax.recipes.flow_matching import flow_matching
 from s2flash_jax.recipes.sana_sprint import discriminator_for, sana_sprint
 from s2flash_jax.train.optim import optimizer_from_config
 
@@ -44,41 +46,78 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class Initialiser:
-    """recipe: the run's recipe (static); init: () -> TrainState, traceable; abstract: its shapes."""
+    """recipe: the run's recipe (static); init: (teacher params or None) -> TrainState, traceable;
+    abstract: its shapes; config: the run's Config (its train.teacher_checkpoint, if set, holds the
+    frozen teacher's weights)."""
 
     recipe: Recipe
-    init: Callable[[], TrainState]
+    init: Callable[[nnx.State | None], TrainState]
     abstract: TrainState
+    config: Any
 
     def create(self, mesh: Mesh, shardings: TrainState) -> TrainState:
-        """Run the initialisation with every leaf created directly in its shard."""
+        """Run the initialisation with every leaf created directly in its shard (the teacher's weights
+        read from its checkpoint straight into their shards)."""
+        checkpoint, teacher_config = self.config.train.teacher_checkpoint, self.config.teacher
+        if not checkpoint:
+            with jax.set_mesh(mesh):
+                return jax.jit(lambda: self.init(None), out_shardings=shardings)()
+        # Outside the mesh context: there, NNX would read the logical axis names as mesh axes.
+        abstract = nnx.state(nnx.eval_shape(lambda: SanaTransformer(
+            teacher_config, precision=self.config.precision, rngs=nnx.Rngs(0))))
+        teacher = load_params(checkpoint, teacher_config, abstract, tree_shardings(abstract, mesh))
         with jax.set_mesh(mesh):
-            return jax.jit(self.init, out_shardings=shardings)()
+            return jax.jit(self.init, out_shardings=shardings)(teacher)
 
 
-def _build(config) -> tuple[Recipe, TrainState]:
-    """The SANA-Sprint recipe over freshly initialised networks. config: s2flash_jax.config.Config."""
+def _updates(steps: int, cycle: list[str], phase: str) -> int:
+    """How often a phase runs in `steps` global steps: each network's schedule spans its own updates."""
+    return math.ceil(steps * cycle.count(phase) / len(cycle))
+
+
+def _null_caption(config, channels: int) -> jax.Array:
+    """The unconditional caption teacher training and distillation pair: zeros [L, channels]."""
+    return jnp.zeros((config.data.caption_length, channels), jnp.float32)
+
+
+def _build_flow_matching(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
+    model = SanaTransformer(config.model, precision=config.precision, rngs=nnx.Rngs(seeds[0]))
+    return flow_matching(model, _null_caption(config, config.model.caption_channels), config=config.flow_matching,
+                         optimizer=optimizer_from_config(config.train, config.train.steps))
+
+
+def _build_sana_sprint(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
     if config.teacher is None:
         raise ValueError("config.teacher is not set: distillation needs the teacher's architecture")
-    seeds = jax.random.split(jax.random.key(config.seed), 4)
     student = SanaTransformer(config.model, precision=config.precision, rngs=nnx.Rngs(seeds[0]))
     teacher = SanaTransformer(config.teacher, precision=config.precision, rngs=nnx.Rngs(seeds[1]))
+    if teacher_params is not None:
+        nnx.update(teacher, teacher_params)
     heads = discriminator_for(teacher, config.sana_sprint, rngs=nnx.Rngs(seeds[2]))
-    null_caption = jnp.zeros((config.data.caption_length, config.teacher.caption_channels), jnp.float32)
-    # Each network is updated only in its phase of the cycle; its schedule spans its share of the steps.
     cycle = list(config.sana_sprint.cycle)
-    updates = {net: math.ceil(config.train.steps * cycle.count(phase) / len(cycle))
-               for net, phase in (("student", "generator"), ("discriminator", "discriminator"))}
-    optimizers = {net: optimizer_from_config(config.train, n) for net, n in updates.items()}
-    recipe, distill = sana_sprint(student, teacher, heads, null_caption, config=config.sana_sprint,
-                                  optimizers=optimizers)
+    optimizers = {net: optimizer_from_config(config.train, _updates(config.train.steps, cycle, phase))
+                  for net, phase in (("student", "generator"), ("discriminator", "discriminator"))}
+    recipe, distill = sana_sprint(student, teacher, heads, _null_caption(config, config.teacher.caption_channels),
+                                  config=config.sana_sprint, optimizers=optimizers)
     if config.train.init_student_from_teacher:
         distill = distill.replace(params={**distill.params, "student": copy_shared(
             distill.frozen["teacher"], distill.params["student"])})
     if config.train.teacher_dtype == "bfloat16":
         distill = distill.replace(frozen={**distill.frozen, "teacher": jax.tree.map(
             lambda x: x.astype(jnp.bfloat16), distill.frozen["teacher"])})
-    ema = {"student": jax.tree.map(jnp.copy, distill.params["student"])} if config.train.ema_decay else {}
+    return recipe, distill
+
+
+BUILDERS = {"sana_sprint": _build_sana_sprint, "flow_matching": _build_flow_matching}
+
+
+def _build(config, teacher_params: nnx.State | None = None) -> tuple[Recipe, TrainState]:
+    """The config's recipe over freshly initialised networks (the teacher's weights given, if any).
+    config: s2flash_jax.config.Config."""
+    seeds = jax.random.split(jax.random.key(config.seed), 4)
+    recipe, distill = BUILDERS[config.recipe](config, seeds, teacher_params)
+    product = recipe.product
+    ema = {product: jax.tree.map(jnp.copy, distill.params[product])} if config.train.ema_decay else {}
     return recipe, TrainState(distill=distill, ema=ema, key=jax.random.key_data(seeds[3]))
 
 
@@ -96,16 +135,22 @@ def copy_shared(source: nnx.State, target: nnx.State) -> nnx.State:
 
 
 def initialiser(config) -> Initialiser:
-    """Trace the initialisation once without computing anything."""
+    """Trace the initialisation once without computing anything. A train.teacher_checkpoint is
+    checked against config.teacher here, before any run writes anything."""
     box: dict[str, Recipe] = {}
 
-    def init() -> TrainState:
-        recipe, state = _build(config)
+    def init(teacher_params: nnx.State | None = None) -> TrainState:
+        recipe, state = _build(config, teacher_params)
         box.setdefault("recipe", recipe)
         return state
 
     abstract = jax.eval_shape(init)
-    return Initialiser(box["recipe"], init, abstract)
+    checkpoint = config.train.teacher_checkpoint
+    if checkpoint:
+        if config.recipe != "sana_sprint":
+            raise CheckpointError(f"train.teacher_checkpoint is set but recipe {config.recipe!r} has no teacher")
+        check_architecture(checkpoint, config.teacher)
+    return Initialiser(box["recipe"], init, abstract, config)
 
 
 def create_train_state(config, mesh: Mesh) -> tuple[Recipe, TrainState, TrainState]:
@@ -113,6 +158,11 @@ def create_train_state(config, mesh: Mesh) -> tuple[Recipe, TrainState, TrainSta
     setup = initialiser(config)
     shardings = tree_shardings(setup.abstract, mesh)
     return setup.recipe, setup.create(mesh, shardings), shardings
+
+
+def product_params(state: TrainState, name: str) -> Any:
+    """The parameters a run delivers for network `name`: its EMA if the run keeps one."""
+    return state.ema.get(name, state.distill.params[name])
 
 
 def ema_update(ema: Any, params: Any, decay: float) -> Any:

@@ -1,0 +1,78 @@
+"""The built-in shapes demo (`s2flash demo`): a SANA-architecture teacher and its SANA-Sprint student
+on 32x32 procedural shape images, sized to run end to end on a laptop CPU.
+
+Variants: `configs/shapes.py` distils the student (sCM + LADD) from `train.teacher_checkpoint`;
+`configs/shapes.py:teacher` trains the teacher with flow matching; add `,quick` to either for the
+short run the tests use. Latents are the lossless space-to-depth "autoencoder" of the images
+(factor 8: 4x4x192), captions the frozen word-level text encoder's 20 x 64 embeddings; `s2flash
+demo` writes both into the run's data directory and sets `data.path`.
+"""
+
+import dataclasses
+
+from s2flash_jax.config import Config, SampleConfig, TrainConfig
+from s2flash_jax.data.pipeline import DataConfig
+from s2flash_jax.losses.ladd import LADDConfig
+from s2flash_jax.losses.scm import SCMConfig
+from s2flash_jax.models.sana import SanaConfig
+from s2flash_jax.precision import Precision
+from s2flash_jax.recipes.flow_matching import FlowMatchingConfig
+from s2flash_jax.recipes.sana_sprint import SanaSprintConfig
+
+AUTOENCODER_FACTOR = 4
+IMAGE_SIZE = 32
+CAPTION_LENGTH = 20
+CAPTION_WIDTH = 64
+GUIDANCE_SCALE = 3.0
+
+TEACHER = SanaConfig(
+    in_channels=3 * AUTOENCODER_FACTOR**2,
+    out_channels=3 * AUTOENCODER_FACTOR**2,
+    num_attention_heads=2,
+    attention_head_dim=32,
+    num_layers=3,
+    num_cross_attention_heads=2,
+    cross_attention_head_dim=32,
+    cross_attention_dim=64,
+    caption_channels=CAPTION_WIDTH,
+    mlp_ratio=2.5,
+    sample_size=IMAGE_SIZE // AUTOENCODER_FACTOR,
+    patch_size=1,
+    qk_norm="rms_norm_across_heads",
+    guidance_embeds=False,
+    timestep_scale=0.001,  # the Sprint teacher's dense time embedding: the embedder sees s itself
+)
+STUDENT = dataclasses.replace(TEACHER, guidance_embeds=True, timestep_scale=1.0, logvar_head=True)
+
+# (teacher steps, student steps) for the full demo and for --quick.
+STEPS = {"full": (1500, 600), "quick": (150, 40)}
+
+
+def get_config(arg=None):
+    tokens = [t for t in (arg or "").split(",") if t]
+    unknown = set(tokens) - {"teacher", "quick"}
+    if unknown:
+        raise ValueError(f"unknown variant(s) {sorted(unknown)}; expected 'teacher' and/or 'quick'")
+    teacher_steps, student_steps = STEPS["quick" if "quick" in tokens else "full"]
+    common = dict(
+        precision=Precision(param_dtype="float32", compute_dtype="float32"),
+        sample=SampleConfig(steps=1, batch_size=4, height=TEACHER.sample_size, width=TEACHER.sample_size,
+                            guidance_scale=GUIDANCE_SCALE),
+        data=DataConfig(caption_length=CAPTION_LENGTH),
+    )
+    if "teacher" in tokens:
+        return Config(model=TEACHER, recipe="flow_matching", flow_matching=FlowMatchingConfig(caption_dropout=0.1),
+                      train=TrainConfig(steps=teacher_steps, batch_size=32, optimizer="adamw", learning_rate=1e-3,
+                                        schedule="cosine", warmup_steps=min(100, teacher_steps // 10),
+                                        end_learning_rate=1e-5, clip_norm=1.0, ema_decay=0.99, log_every=50,
+                                        checkpoint_every=500, keep_checkpoints=1),
+                      **common)
+    return Config(
+        model=STUDENT, teacher=TEACHER,
+        train=TrainConfig(steps=student_steps, batch_size=32, optimizer="adamw", learning_rate=2e-4,
+                          warmup_steps=min(50, student_steps // 10), clip_norm=1.0, ema_decay=0.99, log_every=50,
+                          checkpoint_every=500, keep_checkpoints=1),
+        sana_sprint=SanaSprintConfig(
+            scm=SCMConfig(guidance_scales=(GUIDANCE_SCALE,), tangent_warmup_steps=min(200, student_steps // 5)),
+            ladd=LADDConfig(block_ids=(1, 2))),
+        **common)

@@ -1,0 +1,256 @@
+"""`s2flash demo`: the whole method on the built-in shapes dataset, end to end on a CPU.
+
+Stages (each skipped when its output is complete, so an interrupted demo resumes):
+  1. data: shapes scenes rendered at 32x32, encoded by the space-to-depth autoencoder and the
+     frozen word-level text encoder into ArrayRecord shards (the format `s2flash precompute` writes)
+  2. teacher: a SANA-architecture flow model trained with flow matching (`s2flash train`, recipe
+     flow_matching), exported as a model checkpoint
+  3. student: the SANA-Sprint recipe (TrigFlow transform of the teacher, sCM + LADD) distils it
+  4. eval: the held-out prompts sampled by the teacher (20 guided Euler steps) and the student
+     (1, 2, 4 steps; and 1 step before distillation), read back by the analytic checker, compared
+     with real renders by a Fréchet distance, timed.
+
+OUT/
+  data/  text_encoder/  feature_net/            shared inputs
+  teacher/ (run) teacher/model/ (checkpoint)     student/ (run) student/model/ (checkpoint)
+  grid.png  metrics.json  metrics.md  tensorboard/ (eval scalars; each run has its own logs)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from s2flash_jax.config import Config, load_config
+from s2flash_jax.data import shapes
+from s2flash_jax.data.records import read_dataset_info, write_shards
+from s2flash_jax.eval.alignment import score
+from s2flash_jax.eval.frechet import frechet_distance, image_features, load_feature_net, save_feature_net, train_feature_net
+from s2flash_jax.model_checkpoint import read_metadata
+from s2flash_jax.models.space_to_depth import SpaceToDepthAutoencoder, SpaceToDepthConfig
+from s2flash_jax.models.text_encoder import FrozenTextEncoder, TextEncoderConfig, WordTokenizer
+from s2flash_jax.outputs import OutputExists
+from s2flash_jax.parallel.mesh import make_mesh
+from s2flash_jax.pipeline import TextToImage
+from s2flash_jax.train.loop import train
+from s2flash_jax.train.state import create_train_state, product_params
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shapes.py"
+DATA_SEED = 0
+STUDENT_STEPS = (1, 2, 4)
+TEACHER_STEPS = 20
+GRID_PROMPTS = 8
+IMAGE_SIZE = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSize:
+    """How much work each stage does."""
+
+    records: int
+    samples_per_prompt: int
+    feature_net_steps: int
+
+
+SIZES = {"full": DemoSize(records=20_000, samples_per_prompt=4, feature_net_steps=1500),
+         "quick": DemoSize(records=2_048, samples_per_prompt=1, feature_net_steps=150)}
+
+
+def run_shapes_demo(out: Path, *, quick: bool = False, force: bool = False) -> dict:
+    """Run (or resume) every stage into `out`; returns the metrics written to metrics.json."""
+    size = SIZES["quick" if quick else "full"]
+    variant = ",quick" if quick else ""
+    if out.exists() and force:
+        shutil.rmtree(out)
+    marker = out / "demo.json"
+    if out.exists() and any(out.iterdir()):
+        if not marker.is_file():
+            raise OutputExists(f"{out} exists and is not a demo directory; choose another --out or pass --force")
+        if json.loads(marker.read_text()) != {"quick": quick}:
+            raise OutputExists(f"{out} holds a {'full' if quick else 'quick'} demo; pass --force to start over")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"quick": quick}) + "\n")
+    clock = {}
+
+    start = time.perf_counter()
+    teacher_config = load_config(f"{CONFIG}:teacher{variant}", [f"data.path={out / 'data'}"])
+    text_encoder = _text_encoder(out / "text_encoder", teacher_config)
+    autoencoder = _write_dataset(out / "data", text_encoder, size.records,
+                                 factor=IMAGE_SIZE // teacher_config.model.sample_size)
+    feature_net = _feature_net(out / "feature_net", size.feature_net_steps)
+    clock["data_s"] = time.perf_counter() - start
+
+    components = _component_writer(out / "text_encoder", autoencoder, teacher_config)
+    start = time.perf_counter()
+    teacher_ckpt = _train_stage("teacher", teacher_config, out / "teacher", components)
+    clock["teacher_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    student_config = load_config(f"{CONFIG}:{variant.lstrip(',')}",
+                                 [f"data.path={out / 'data'}", f"train.teacher_checkpoint={teacher_ckpt}"])
+    student_ckpt = _train_stage("student", student_config, out / "student", components)
+    clock["student_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    metrics = _evaluate(out, teacher_ckpt, student_ckpt, student_config, feature_net, size)
+    clock["eval_s"] = time.perf_counter() - start
+    metrics["wall_s"] = clock
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "metrics.md").write_text(metrics_table(metrics))
+    print(metrics_table(metrics))
+    print(f"wrote {out / 'grid.png'}, {out / 'metrics.md'}, {out / 'metrics.json'}")
+    return metrics
+
+
+def _text_encoder(path: Path, config: Config) -> FrozenTextEncoder:
+    if not path.is_dir():
+        tokenizer = WordTokenizer.from_vocabulary(shapes.VOCABULARY, max_length=config.data.caption_length)
+        FrozenTextEncoder(tokenizer, TextEncoderConfig(vocab_size=tokenizer.vocab_size,
+                                                       width=config.model.caption_channels,
+                                                       max_length=config.data.caption_length)).save(path)
+    return FrozenTextEncoder.load(path)
+
+
+def _write_dataset(path: Path, text_encoder: FrozenTextEncoder, count: int, factor: int, batch: int = 512):
+    """Training shards of `count` scenes; the autoencoder's scaling factor makes the latents unit-variance."""
+    info = read_dataset_info(path)
+    if info is not None and info.get("num_records") == count:
+        return SpaceToDepthAutoencoder(SpaceToDepthConfig(**info["autoencoder"]))
+    probe = shapes.render_batch(shapes.scenes(DATA_SEED, 0, batch), seed=DATA_SEED)
+    raw = SpaceToDepthAutoencoder(SpaceToDepthConfig(factor=factor)).encode(probe)
+    autoencoder = SpaceToDepthAutoencoder(SpaceToDepthConfig(factor=factor, scaling_factor=float(1.0 / np.std(raw))))
+
+    def records():
+        for start in tqdm(range(0, count, batch), desc="shapes dataset", unit="batch"):
+            scenes = shapes.scenes(DATA_SEED, start, min(batch, count - start))
+            prompts = [shapes.prompt(s) for s in scenes]
+            latents = np.asarray(autoencoder.encode(shapes.render_batch(scenes, seed=DATA_SEED + start)))
+            latents = latents * autoencoder.config.scaling_factor
+            embeddings, mask = text_encoder(prompts)
+            for i, text in enumerate(prompts):
+                yield {"latent": latents[i], "caption_embedding": embeddings[i], "caption_mask": mask[i],
+                       "caption": text}
+
+    write_shards(records(), path, records_per_shard=4096, num_records=count,
+                 info={"autoencoder": dataclasses.asdict(autoencoder.config), "text_encoder": "shapes word encoder"})
+    return autoencoder
+
+
+def _feature_net(path: Path, steps: int):
+    if not path.exists():
+        save_feature_net(train_feature_net(seed=DATA_SEED, steps=steps, log=print), path)
+    return load_feature_net(path)
+
+
+def _component_writer(text_encoder_dir: Path, autoencoder: SpaceToDepthAutoencoder, config: Config):
+    """What every exported demo model carries: its text encoder, autoencoder and sampling defaults."""
+    metadata = {"text_encoder": "text_encoder",
+                "autoencoder": {"kind": "space_to_depth", **dataclasses.asdict(autoencoder.config)},
+                "sampling": {"guidance_scale": config.sample.guidance_scale, "flow_shift": config.sample.flow_shift}}
+
+    def write(staging: Path) -> None:
+        shutil.copytree(text_encoder_dir, staging / "text_encoder")
+
+    return {"metadata": metadata, "write_components": write}
+
+
+def _train_stage(name: str, config: Config, run_dir: Path, components: dict) -> Path:
+    """Train (or resume) the run and export its product; skipped when the export exists."""
+    ckpt = run_dir / "model"
+    if (ckpt / "model.json").is_file():
+        print(f"{name}: {ckpt} exists, skipping")
+        return ckpt
+    print(f"{name}: {config.recipe} for {config.train.steps} steps in {run_dir}", flush=True)
+    result = train(config, run_dir, resume=True)
+    result.export(config, ckpt, force=True, **components)
+    return ckpt
+
+
+def _evaluate(out: Path, teacher_ckpt: Path, student_ckpt: Path, student_config: Config, feature_net,
+              size: DemoSize) -> dict:
+    scenes = shapes.heldout_scenes()
+    prompts = [shapes.prompt(s) for s in scenes] * size.samples_per_prompt
+    all_scenes = scenes * size.samples_per_prompt
+    references = shapes.render_batch(all_scenes, seed=12345)
+    reference_features = image_features(feature_net, references)
+    teacher = TextToImage.load(teacher_ckpt)
+    student = TextToImage.load(student_ckpt)
+    # Where distillation starts: the student built from the teacher, before any update.
+    _, initial, _ = create_train_state(student_config, make_mesh(student_config.mesh))
+    before = dataclasses.replace(student, params=product_params(initial, "student"))
+
+    rows = {"reference renders": (None, 0)} | {f"teacher, {TEACHER_STEPS} steps": (teacher, TEACHER_STEPS),
+                                               "student before distillation, 1 step": (before, 1)}
+    rows |= {f"student, {n} step{'s' if n > 1 else ''}": (student, n) for n in STUDENT_STEPS}
+    results, grid_columns = {}, {}
+    for label, (pipeline, steps) in tqdm(rows.items(), desc="evaluating", unit="model"):
+        timings = {}
+        if pipeline is None:
+            images = shapes.render_batch(all_scenes, seed=54321)
+        else:
+            images = pipeline.generate(prompts, steps=steps, seed=0, timings=timings)
+        alignment = score(images, all_scenes)
+        results[label] = {**{f"accuracy/{k}": v for k, v in alignment.items()},
+                          "frechet": frechet_distance(image_features(feature_net, images), reference_features),
+                          **({"images_per_s": timings["images"] / timings["seconds"]} if timings else {})}
+        grid_columns[label] = images[:GRID_PROMPTS]
+    _sample_grid(prompts[:GRID_PROMPTS], grid_columns).save(out / "grid.png")
+    _log_scalars(out / "tensorboard", results)
+    return {"models": results, "heldout_prompts": len(scenes), "samples_per_prompt": size.samples_per_prompt,
+            "teacher_steps_trained": read_metadata(teacher_ckpt).get("model") and _run_steps(out / "teacher"),
+            "student_steps_trained": _run_steps(out / "student")}
+
+
+def _run_steps(run_dir: Path) -> int:
+    return json.loads((run_dir / "config.json").read_text())["train"]["steps"]
+
+
+def _sample_grid(prompts: list[str], columns: dict[str, np.ndarray], scale: int = 3) -> Image.Image:
+    """Rows: prompts (their text on the left); columns: one per model, headed by its label."""
+    labels = [label for label in columns if "before" not in label]
+    cell = next(iter(columns.values())).shape[1] * scale
+    text_width, header, gap = 330, 28, 4
+    grid = Image.new("RGB", (text_width + len(labels) * (cell + gap), header + len(prompts) * (cell + gap)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, label in enumerate(labels):
+        draw.text((text_width + j * (cell + gap), 2), label.replace(", ", "\n"), fill="black")
+        for i, image in enumerate(columns[label]):
+            tile = Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).resize((cell, cell),
+                                                                                                   Image.NEAREST)
+            grid.paste(tile, (text_width + j * (cell + gap), header + i * (cell + gap)))
+    for i, text in enumerate(prompts):
+        draw.text((4, header + i * (cell + gap) + cell // 3), text.replace(" and ", "\nand "), fill="black")
+    return grid
+
+
+def _log_scalars(path: Path, results: dict) -> None:
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(str(path)) as writer:
+        for label, values in results.items():
+            for key, value in values.items():
+                writer.add_scalar(f"eval/{label}/{key}", value, 0)
+
+
+def metrics_table(metrics: dict) -> str:
+    keys = ("prompt", "colour", "shape", "size", "position", "count")
+    lines = ["| model | " + " | ".join(f"{k} acc." for k in keys) + " | Fréchet dist. | images/s |",
+             "|---" * (len(keys) + 3) + "|"]
+    for label, values in metrics["models"].items():
+        rate = values.get("images_per_s")
+        lines.append(f"| {label} | " + " | ".join(f"{values[f'accuracy/{k}']:.1%}" for k in keys)
+                     + f" | {values['frechet']:.2f} | {'' if rate is None else f'{rate:,.0f}'} |")
+    wall = metrics.get("wall_s", {})
+    if wall:
+        lines.append("")
+        lines.append("Wall time: " + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in wall.items())
+                     + f"; total {sum(wall.values()):.0f}s")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,109 @@
+"""A model checkpoint: one network's weights and architecture, the unit runs exchange.
+
+CKPT/
+  model.json   {"format": "s2flash-model", "version": 1, "model": SanaConfig fields, ...extra metadata}
+  params/      orbax checkpoint of the parameters as a plain nested dict (nnx.to_pure_dict layout)
+  ...          optional components written next to them (e.g. the shapes demo's text_encoder/)
+
+A finished run exports its product (EMA if kept) as one; `train.teacher_checkpoint` and
+`s2flash sample --ckpt` read one. The directory appears only when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from s2flash_jax.models.sana import SanaConfig
+from s2flash_jax.outputs import fresh_output_dir
+
+FORMAT = "s2flash-model"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A model checkpoint that cannot be read or does not fit; the message says which and why."""
+
+
+def save_model(path: str | Path, model: SanaConfig, params: nnx.State, *, force: bool = False,
+               metadata: Mapping[str, Any] | None = None,
+               write_components: Callable[[Path], None] | None = None) -> Path:
+    """Write `params` (the nnx.Param state of a SanaTransformer built from `model`) to `path`.
+
+    metadata: extra JSON fields for model.json. write_components(staging_dir) adds files beside the
+    weights before the checkpoint appears. An existing non-empty `path` is refused unless force.
+    """
+    path = Path(path)
+    with fresh_output_dir(path, force=force) as staging:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(staging / "params", nnx.to_pure_dict(params))
+            checkpointer.wait_until_finished()
+        if write_components is not None:
+            write_components(staging)
+        (staging / "model.json").write_text(json.dumps(
+            {"format": FORMAT, "version": VERSION, "model": dataclasses.asdict(model), **(metadata or {})},
+            indent=2) + "\n")
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """model.json of the checkpoint at `path`, checked to be one."""
+    meta_path = Path(path) / "model.json"
+    if not meta_path.is_file():
+        raise CheckpointError(f"{str(path)!r} is not a model checkpoint: it has no model.json (expected a directory "
+                              f"written by a finished run's export or `s2flash convert import`)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta_path} is not valid JSON: {e}") from e
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r}; "
+                              f"expected {FORMAT!r} version {VERSION}")
+    return meta
+
+
+def read_model_config(path: str | Path) -> SanaConfig:
+    model = read_metadata(path).get("model")
+    try:
+        return SanaConfig(**model)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}/model.json: its model config cannot be used: {e}") from e
+
+
+def check_architecture(path: str | Path, expected: SanaConfig) -> None:
+    """Raise CheckpointError naming every architecture key in which the checkpoint differs."""
+    saved = read_model_config(path)
+    differing = [f"{f.name}={getattr(saved, f.name)!r} (expected {getattr(expected, f.name)!r})"
+                 for f in dataclasses.fields(SanaConfig)
+                 if f.name != "gradient_checkpointing" and getattr(saved, f.name) != getattr(expected, f.name)]
+    if differing:
+        raise CheckpointError(f"model checkpoint {path} holds a different architecture: {', '.join(differing)}")
+
+
+def load_params(path: str | Path, expected: SanaConfig, abstract: nnx.State, shardings: Any = None) -> nnx.State:
+    """The checkpoint's parameters, laid out as `abstract` (an nnx.State of ShapeDtypeStructs or arrays)
+    with `shardings` (a matching tree of shardings, or None for the default device).
+
+    The checkpoint must hold a model with the architecture `expected`: every differing key is named.
+    Parameters are cast to the dtypes of `abstract`.
+    """
+    check_architecture(path, expected)
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore(Path(path).absolute() / "params", nnx.to_pure_dict(target))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CheckpointError(f"model checkpoint {path}: its parameters cannot be restored: {e}") from e
+    state = jax.tree.map(lambda x: x, abstract)  # a copy to fill in
+    nnx.replace_by_pure_dict(state, restored)
+    return state
