@@ -82,9 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a tiny SANA teacher with flow matching on procedural 32x32 shape images, transform it "
                     "to TrigFlow and distil a SANA-Sprint student (sCM + LADD), then sample held-out prompts with "
                     "the teacher (20 steps) and the student (1, 2, 4 steps) and score them: grid.png, metrics.md, "
-                    "metrics.json, TensorBoard logs. About 10 minutes on 2 CPU cores; resumes when rerun.")
+                    "metrics.json, TensorBoard logs. About 10 minutes on 2 CPU cores (estimated from its stages); resumes "
+                    "when rerun.")
     demo.add_argument("--out", default="runs/shapes-demo", help="demo directory (default: runs/shapes-demo)")
-    demo.add_argument("--quick", action="store_true", help="a short run (about 2 minutes) for tests and a first look")
+    demo.add_argument("--quick", action="store_true", help="a short run (a few minutes, mostly compilation) for tests and a first look")
     demo.add_argument("--force", action="store_true", help="delete an existing demo directory and start over")
 
     precompute = commands.add_parser(

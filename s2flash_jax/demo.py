@@ -24,7 +24,6 @@ import shutil
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
@@ -34,7 +33,6 @@ from s2flash_jax.data import shapes
 from s2flash_jax.data.records import read_dataset_info, write_shards
 from s2flash_jax.eval.alignment import score
 from s2flash_jax.eval.frechet import frechet_distance, image_features, load_feature_net, save_feature_net, train_feature_net
-from s2flash_jax.model_checkpoint import read_metadata
 from s2flash_jax.models.space_to_depth import SpaceToDepthAutoencoder, SpaceToDepthConfig
 from s2flash_jax.models.text_encoder import FrozenTextEncoder, TextEncoderConfig, WordTokenizer
 from s2flash_jax.outputs import OutputExists
@@ -205,7 +203,7 @@ def _evaluate(out: Path, teacher_ckpt: Path, student_ckpt: Path, student_config:
     _sample_grid(prompts[:GRID_PROMPTS], grid_columns).save(out / "grid.png")
     _log_scalars(out / "tensorboard", results)
     return {"models": results, "heldout_prompts": len(scenes), "samples_per_prompt": size.samples_per_prompt,
-            "teacher_steps_trained": read_metadata(teacher_ckpt).get("model") and _run_steps(out / "teacher"),
+            "teacher_steps_trained": _run_steps(out / "teacher"),
             "student_steps_trained": _run_steps(out / "student")}
 
 

@@ -139,8 +139,8 @@ def run_sample_checkpoint(ckpt: str | Path, prompts: Sequence[str], *, out: str 
     pipeline = TextToImage.load(ckpt)
     if guidance_scale is not None:
         pipeline = dataclasses.replace(pipeline, guidance_scale=guidance_scale)
-    try:
-        pipeline.text_encoder(list(prompts))
+    try:  # tokenizing finds every bad prompt; generate() encodes them once
+        pipeline.text_encoder.tokenizer(list(prompts))
     except ValueError as e:
         raise PromptError(str(e)) from e
     timings: dict[str, float] = {}
