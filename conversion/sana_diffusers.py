@@ -2,11 +2,14 @@
 
 `key_table(config)` is the whole mapping: one row per diffusers tensor, naming the JAX parameter and
 the layout change. Per-block rows use `{i}` in the diffusers key and map onto the stacked `layers` axis.
+`jax_only_rows(config)` adds the parameters diffusers has no place for (SANA-Sprint's logvar head),
+under the torch names NVlabs SANA and diffusers' training port give them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,7 +21,7 @@ from s2flash_jax.models.params import flat_params, param_paths, set_flat_params
 from s2flash_jax.models.sana import SanaConfig, SanaTransformer
 from s2flash_jax.precision import Precision
 
-# Parameters diffusers does not have: kept at their initial values on import, dropped on export.
+# Parameters diffusers does not have: kept at their initial values on a diffusers import, dropped on export.
 JAX_ONLY = ("logvar_linear/",)
 
 
@@ -81,35 +84,79 @@ def key_table(config: SanaConfig) -> list[Row]:
     return rows
 
 
+def jax_only_rows(config: SanaConfig) -> list[Row]:
+    """The JAX parameters diffusers' SanaTransformer2DModel lacks, with their torch (nn.Linear) names."""
+    return _linear("logvar_linear", "logvar_linear") if config.logvar_head else []
+
+
+def tensor_keys(row: Row, num_layers: int) -> list[tuple[str, int | None]]:
+    """The concrete torch keys of a row: (key, block index) per block, or (key, None) once."""
+    if row.per_block:
+        return [(row.torch_key.format(i=i), i) for i in range(num_layers)]
+    return [(row.torch_key, None)]
+
+
+@functools.lru_cache(maxsize=16)
+def param_shapes(config: SanaConfig) -> dict[str, tuple[int, ...]]:
+    """'/'-joined JAX parameter path -> shape for a model of this config (nothing allocated; cached,
+    since tracing the model takes a while)."""
+    model = nnx.eval_shape(lambda: SanaTransformer(config, rngs=nnx.Rngs(0)))
+    return {path: shape for path, (shape, _) in param_paths(model).items()}
+
+
 class StateDictMismatch(ValueError):
     """A state dict that does not fit the model: lists every missing, unexpected and mis-shaped key."""
 
 
 def expected_torch_shapes(model: SanaTransformer) -> dict[str, tuple[int, ...]]:
-    """diffusers key -> shape that a state dict for this model must have."""
+    """diffusers key -> shape that a state dict for this model (a real or an nnx.eval_shape one) must have."""
     shapes = {path: shape for path, (shape, _) in param_paths(model).items()}
     expected = {}
     for row in key_table(model.config):
-        shape = shapes[row.jax_path]
-        if row.per_block:
-            for i in range(shape[0]):
-                expected[row.torch_key.format(i=i)] = tuple(row.layout.torch_shape(shape[1:]))
-        else:
-            expected[row.torch_key] = tuple(row.layout.torch_shape(shape))
+        for key, block in tensor_keys(row, model.config.num_layers):
+            shape = shapes[row.jax_path] if block is None else shapes[row.jax_path][1:]
+            expected[key] = tuple(row.layout.torch_shape(shape))
     return expected
 
 
+@dataclasses.dataclass(frozen=True)
+class ShapeProblems:
+    """How a set of tensor shapes differs from the expected one; empty when it fits."""
+
+    missing: list[str]
+    unexpected: list[str]
+    wrong: list[str]
+
+    @classmethod
+    def compare(cls, expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]]) -> ShapeProblems:
+        return cls(missing=[f"{k}: expected {expected[k]}" for k in expected if k not in found],
+                   unexpected=[f"{k}: found {tuple(found[k])}" for k in found if k not in expected],
+                   wrong=[f"{k}: expected {expected[k]}, found {tuple(found[k])}"
+                          for k in expected if k in found and tuple(found[k]) != expected[k]])
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.wrong)
+
+    def _groups(self):
+        return [(title, lines) for title, lines in (("missing keys", self.missing), ("unexpected keys", self.unexpected),
+                                                    ("wrong shapes", self.wrong)) if lines]
+
+    def details(self) -> str:
+        """Every problem, one per line."""
+        return "\n".join(f"{title} ({len(lines)}):\n" + "\n".join(f"  {line}" for line in lines)
+                         for title, lines in self._groups())
+
+    def summary(self, shown: int = 2) -> str:
+        """One line: the count of each kind of problem and its first few."""
+        return "; ".join(f"{len(lines)} {title} ({', '.join(lines[:shown])}{', ...' if len(lines) > shown else ''})"
+                         for title, lines in self._groups())
+
+
 def _check_state_dict(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]]) -> None:
-    missing = [f"  {k}: expected {expected[k]}" for k in expected if k not in found]
-    unexpected = [f"  {k}: found {found[k]}" for k in found if k not in expected]
-    wrong = [f"  {k}: expected {expected[k]}, found {found[k]}"
-             for k in expected if k in found and tuple(found[k]) != expected[k]]
-    if missing or unexpected or wrong:
-        parts = [f"{title} ({len(lines)}):\n" + "\n".join(lines)
-                 for title, lines in (("missing keys", missing), ("unexpected keys", unexpected),
-                                      ("wrong shapes", wrong)) if lines]
+    problems = ShapeProblems.compare(expected, found)
+    if problems:
         raise StateDictMismatch("state dict does not match SanaTransformer2DModel for this config:\n"
-                                + "\n".join(parts))
+                                + problems.details())
 
 
 def _to_numpy(tensor: Any) -> np.ndarray:
@@ -133,11 +180,8 @@ def load_diffusers_state_dict(model: SanaTransformer, state_dict: Mapping[str, A
     _check_state_dict(expected_torch_shapes(model), found)
     values = {}
     for row in key_table(model.config):
-        if row.per_block:
-            tensors = [_to_numpy(state_dict[row.torch_key.format(i=i)]) for i in range(model.config.num_layers)]
-            values[row.jax_path] = np.stack([row.layout.to_jax(t) for t in tensors])
-        else:
-            values[row.jax_path] = row.layout.to_jax(_to_numpy(state_dict[row.torch_key]))
+        tensors = [row.layout.to_jax(_to_numpy(state_dict[key])) for key, _ in tensor_keys(row, model.config.num_layers)]
+        values[row.jax_path] = np.stack(tensors) if row.per_block else tensors[0]
     set_flat_params(model, values)
     untouched = sorted(p for p in param_paths(model) if p not in values)
     unmapped = [p for p in untouched if not p.startswith(JAX_ONLY)]
@@ -152,11 +196,8 @@ def diffusers_state_dict(model: SanaTransformer) -> dict[str, np.ndarray]:
     out = {}
     for row in key_table(model.config):
         value = params[row.jax_path]
-        if row.per_block:
-            for i in range(value.shape[0]):
-                out[row.torch_key.format(i=i)] = np.ascontiguousarray(row.layout.to_torch(value[i]))
-        else:
-            out[row.torch_key] = np.ascontiguousarray(row.layout.to_torch(value))
+        for key, block in tensor_keys(row, model.config.num_layers):
+            out[key] = np.ascontiguousarray(row.layout.to_torch(value if block is None else value[block]))
     return out
 
 

@@ -94,7 +94,63 @@ def build_parser() -> argparse.ArgumentParser:
                     "(Gemma-2 as in SANA) into ArrayRecord shards that `s2flash train` reads (data.path). "
                     "Needs the [torch] extra; resumable with --resume.")
     add_precompute_arguments(precompute)
+    _add_convert_parser(commands)
     return parser
+
+
+# Modules of the [torch] extra: a convert command that needs one of them says so instead of a traceback.
+TORCH_EXTRA = ("torch", "diffusers", "safetensors", "transformers")
+
+
+def _add_convert_parser(commands) -> None:
+    convert = commands.add_parser(
+        "convert", help="move checkpoints between PyTorch (diffusers, original SANA) and s2flash",
+        description="Import a diffusers SanaTransformer2DModel folder or an original NVlabs SANA / SANA-Sprint "
+                    "checkpoint as an s2flash model checkpoint, export one as a diffusers transformer (or a whole "
+                    "SanaSprintPipeline), or inspect any of them. Tensors stream one at a time; outputs appear "
+                    "only when complete. Needs the [torch] extra for .pth files and --pipeline.")
+    actions = convert.add_subparsers(dest="convert_command", required=True)
+    imp = actions.add_parser("import", help="diffusers / original SANA checkpoint -> s2flash model checkpoint")
+    imp.add_argument("--format", required=True, choices=("diffusers", "sana"),
+                     help="diffusers: a SanaTransformer2DModel folder (config.json + safetensors, or a pipeline "
+                          "folder); sana: an original NVlabs .pth / .safetensors")
+    imp.add_argument("src", help="the checkpoint to import")
+    imp.add_argument("--out", required=True, help="model checkpoint directory to write")
+    imp.add_argument("--config", default=None,
+                     help="(--format sana) the architecture: a preset (sana-sprint-0.6b, sana-sprint-1.6b, "
+                          "sana-sprint-0.6b-teacher, sana-sprint-1.6b-teacher, sana-0.6b-1024px, sana-1.6b-1024px) "
+                          "or a diffusers-style config.json; default: the one student preset the shapes fit")
+    imp.add_argument("--force", action="store_true", help="replace an existing output")
+
+    exp = actions.add_parser("export", help="s2flash model checkpoint -> diffusers transformer or SanaSprintPipeline")
+    exp.add_argument("ckpt", help="model checkpoint directory")
+    exp.add_argument("--out", required=True, help="diffusers folder to write")
+    exp.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                     help="weight dtype (default: as stored in the checkpoint)")
+    exp.add_argument("--pipeline", default=None, metavar="TEACHER_PIPELINE_DIR",
+                     help="write a whole SanaSprintPipeline, taking the VAE, text encoder and tokenizer from this "
+                          "diffusers pipeline folder (e.g. the teacher's SanaPipeline)")
+    exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    exp.add_argument("--force", action="store_true", help="replace an existing output")
+
+    insp = actions.add_parser("inspect", help="print a checkpoint's format, config, parameter count, dtypes and "
+                                              "the keys the converter would not understand")
+    insp.add_argument("src", help="diffusers folder, original SANA .pth/.safetensors, or s2flash model checkpoint")
+    insp.add_argument("--format", choices=("diffusers", "sana"), default=None, help="expected format (default: detect)")
+    insp.add_argument("--config", default=None, help="(original SANA) a preset or config.json, as for import")
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    # conversion/ is imported here only: it is the one package that may need torch and diffusers.
+    try:
+        from conversion.cli import run_convert
+
+        return run_convert(args)
+    except ModuleNotFoundError as e:
+        if e.name not in TORCH_EXTRA:
+            raise
+        raise ConfigError(f"convert {args.convert_command} needs the [torch] extra (module {e.name!r} is not "
+                          f"installed): pip install 's2flash-jax[torch]'") from e
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -134,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "precompute":
         return run_precompute(args)
     try:
+        if args.command == "convert":
+            return _run_convert(args)
         if args.command == "demo":
             from s2flash_jax.demo import run_shapes_demo
 

@@ -12,12 +12,14 @@ A finished run exports its product (EMA if kept) as one; `train.teacher_checkpoi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -32,19 +34,22 @@ class CheckpointError(ValueError):
     """A model checkpoint that cannot be read or does not fit; the message says which and why."""
 
 
-def save_model(path: str | Path, model: SanaConfig, params: nnx.State, *, force: bool = False,
+def save_model(path: str | Path, model: SanaConfig, params: nnx.State | Mapping[str, Any], *, force: bool = False,
                metadata: Mapping[str, Any] | None = None,
                write_components: Callable[[Path], None] | None = None) -> Path:
-    """Write `params` (the nnx.Param state of a SanaTransformer built from `model`) to `path`.
+    """Write `params` (the nnx.Param state of a SanaTransformer built from `model`, or the same as a
+    nested dict of arrays in the nnx.to_pure_dict layout) to `path`.
 
     metadata: extra JSON fields for model.json. write_components(staging_dir) adds files beside the
     weights before the checkpoint appears. An existing non-empty `path` is refused unless force.
     """
     path = Path(path)
+    pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
     with fresh_output_dir(path, force=force) as staging:
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(staging / "params", nnx.to_pure_dict(params))
-            checkpointer.wait_until_finished()
+        # Uncompressed: float weights barely compress, and compressing holds an extra copy of the
+        # arrays in flight (the 1.6B model's import would need two copies of its weights).
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as checkpointer:
+            checkpointer.save(staging / "params", args=ocp.args.PyTreeSave(pure))
         if write_components is not None:
             write_components(staging)
         (staging / "model.json").write_text(json.dumps(
@@ -82,7 +87,7 @@ def check_architecture(path: str | Path, expected: SanaConfig) -> None:
     saved = read_model_config(path)
     differing = [f"{f.name}={getattr(saved, f.name)!r} (expected {getattr(expected, f.name)!r})"
                  for f in dataclasses.fields(SanaConfig)
-                 if f.name != "gradient_checkpointing" and getattr(saved, f.name) != getattr(expected, f.name)]
+                 if f.name not in SanaConfig.EXECUTION_KEYS and getattr(saved, f.name) != getattr(expected, f.name)]
     if differing:
         raise CheckpointError(f"model checkpoint {path} holds a different architecture: {', '.join(differing)}")
 
@@ -107,3 +112,29 @@ def load_params(path: str | Path, expected: SanaConfig, abstract: nnx.State, sha
     state = jax.tree.map(lambda x: x, abstract)  # a copy to fill in
     nnx.replace_by_pure_dict(state, restored)
     return state
+
+
+def stored_params(path: str | Path) -> dict[str, jax.ShapeDtypeStruct]:
+    """'/'-joined parameter path -> shape and dtype as stored, without reading any weights."""
+    read_metadata(path)
+    with ocp.StandardCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(Path(path).absolute() / "params").item_metadata.tree
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(k.key) for k in keys): jax.ShapeDtypeStruct(tuple(m.shape), m.dtype) for keys, m in flat}
+
+
+def read_stored_params(path: str | Path, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Some parameters ('/'-joined paths, see stored_params) as stored, read without the others:
+    streaming a checkpoint out a few parameters at a time never holds the whole model."""
+    item: dict[str, Any] = {}
+    restore_args: dict[str, Any] = {}
+    for name in names:
+        *parents, leaf = name.split("/")
+        node, args = item, restore_args
+        for key in parents:
+            node, args = node.setdefault(key, {}), args.setdefault(key, {})
+        node[leaf], args[leaf] = 0, ocp.RestoreArgs(restore_type=np.ndarray)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        restored = checkpointer.restore(Path(path).absolute() / "params", args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True))
+    return {name: functools.reduce(lambda node, key: node[key], name.split("/"), restored) for name in names}

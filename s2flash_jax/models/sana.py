@@ -36,6 +36,9 @@ class SanaConfig:
         NVlabs `LiteLA` uses 1e-8).
       gradient_checkpointing: recompute each block in the backward pass instead of storing its
         activations (SANA-Sprint trains with it on); changes memory, not results.
+      scan_unroll: blocks per iteration of the scan over layers. Unrolling a shallow model (the
+        shapes demo's 2 blocks) lets XLA fuse across blocks, ~30% faster on CPU; deep models keep 1
+        so compilation stays one block long. Changes speed, not results.
     """
 
     in_channels: int = 32
@@ -63,8 +66,11 @@ class SanaConfig:
     logvar_head: bool = False
     linear_attention_eps: float = 1e-15
     gradient_checkpointing: bool = False
+    scan_unroll: int = 1
 
-    OWN_KEYS = ("logvar_head", "linear_attention_eps", "gradient_checkpointing")
+    OWN_KEYS = ("logvar_head", "linear_attention_eps", "gradient_checkpointing", "scan_unroll")
+    # Own keys that say how the model runs, not what it computes: checkpoints need not agree on them.
+    EXECUTION_KEYS = ("gradient_checkpointing", "scan_unroll")
 
     def __post_init__(self):
         problems = []
@@ -76,7 +82,7 @@ class SanaConfig:
             if getattr(self, key) is None:
                 problems.append(f"{key}=None is not supported; SANA blocks always have cross-attention")
         for key in ("in_channels", "num_attention_heads", "attention_head_dim", "num_layers", "caption_channels",
-                    "sample_size", "patch_size"):
+                    "sample_size", "patch_size", "scan_unroll"):
             if getattr(self, key) < 1:
                 problems.append(f"{key}={getattr(self, key)} must be >= 1")
         if self.interpolation_scale is not None and self.inner_dim % 4:
@@ -314,7 +320,7 @@ class SanaTransformer(nnx.Module):
             # Keep only each block's input for the backward pass; inside a scan CSE cannot undo it.
             run_block = jax.checkpoint(run_block, prevent_cse=False)
 
-        h, _ = jax.lax.scan(run_block, h, stacked)
+        h, _ = jax.lax.scan(run_block, h, stacked, unroll=self.config.scan_unroll)
         return h
 
 

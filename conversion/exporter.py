@@ -1,0 +1,200 @@
+"""`s2flash convert export`: an s2flash model checkpoint -> a diffusers `SanaTransformer2DModel`
+folder, or with a teacher pipeline, a whole `SanaSprintPipeline` folder.
+
+The weights stream out one JAX parameter at a time (read alone from the checkpoint, cut into its
+per-block diffusers tensors, written into safetensors shards), so an export holds about one
+parameter in memory, never the whole model. By default tensors keep the dtype they are stored in,
+which makes diffusers -> s2flash -> diffusers bit-identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from conversion.errors import ConversionError
+from conversion.safetensors_io import TensorSpec, write_sharded
+from conversion.sana_diffusers import JAX_ONLY, key_table, param_shapes, tensor_keys
+from conversion.sources import DIFFUSERS_CLASS
+from s2flash_jax.flows.trigflow import SIGMA_DATA
+from s2flash_jax.model_checkpoint import read_model_config, read_stored_params, stored_params
+from s2flash_jax.models.sana import SanaConfig
+from s2flash_jax.outputs import fresh_output_dir
+
+DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16), "bf16": np.dtype(ml_dtypes.bfloat16)}
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # as diffusers' SANA conversion script writes them
+PIPELINE_COMPONENTS = ("vae", "text_encoder", "tokenizer")
+PIPELINE_CLASS = "SanaSprintPipeline"
+
+
+@dataclasses.dataclass
+class ExportResult:
+    config: SanaConfig
+    files: list[Path]
+    tensors: int
+    dropped: list[str]  # JAX parameters and checkpoint components diffusers has no place for
+
+
+def _diffusers_version() -> dict[str, str]:
+    try:
+        return {"_diffusers_version": importlib.metadata.version("diffusers")}
+    except importlib.metadata.PackageNotFoundError:
+        return {}
+
+
+def check_stored_params(ckpt: Path, config: SanaConfig) -> dict[str, Any]:
+    """The checkpoint's stored parameters (path -> shape/dtype), checked against its config."""
+    expected = param_shapes(config)
+    stored = stored_params(ckpt)
+    missing = sorted(set(expected) - set(stored))
+    extra = sorted(set(stored) - set(expected))
+    wrong = [f"{p} {tuple(stored[p].shape)} (expected {expected[p]})" for p in expected
+             if p in stored and tuple(stored[p].shape) != expected[p]]
+    if missing or extra or wrong:
+        raise ConversionError(f"{ckpt}: its parameters do not fit its model.json config: missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}, wrong shapes {wrong[:3]}")
+    return stored
+
+
+class _ParamStream:
+    """Produces diffusers tensors by key, reading the checkpoint's parameters in the order they are
+    asked for, a group of up to GROUP_BYTES (or one larger parameter) at a time, each once."""
+
+    GROUP_BYTES = 256 * 2**20
+
+    def __init__(self, ckpt: Path, stored: dict[str, Any], dtype: np.dtype | None):
+        self.ckpt, self.stored, self.dtype = ckpt, stored, dtype
+        self.sources: dict[str, tuple[Any, int | None]] = {}  # torch key -> (row, block)
+        self.order: list[str] = []  # JAX parameters in the order their tensors are written
+        self._loaded: dict[str, np.ndarray] = {}
+
+    def add(self, key: str, row: Any, block: int | None) -> None:
+        self.sources[key] = (row, block)
+        if not self.order or self.order[-1] != row.jax_path:
+            self.order.append(row.jax_path)
+
+    def __call__(self, key: str) -> np.ndarray:
+        row, block = self.sources[key]
+        if row.jax_path not in self._loaded:
+            self._loaded = {}  # drop the previous group before reading the next
+            group = self._group_from(row.jax_path)
+            self._loaded = {p: self._cast(v, p) for p, v in read_stored_params(self.ckpt, group).items()}
+        value = self._loaded[row.jax_path]
+        return np.ascontiguousarray(row.layout.to_torch(value if block is None else value[block]))
+
+    def _group_from(self, first: str) -> list[str]:
+        group, size = [], 0
+        for path in self.order[self.order.index(first):]:
+            nbytes = int(np.prod(self.stored[path].shape, dtype=np.int64)) * np.dtype(self.stored[path].dtype).itemsize
+            if group and size + nbytes > self.GROUP_BYTES:
+                break
+            group.append(path)
+            size += nbytes
+        return group
+
+    def _cast(self, value: np.ndarray, path: str) -> np.ndarray:
+        if self.dtype is None or value.dtype == self.dtype:
+            return value
+        with np.errstate(over="ignore"):
+            cast = value.astype(self.dtype)
+        if not np.isfinite(cast).all() and np.isfinite(value).all():
+            raise ConversionError(f"parameter {path} has values beyond the range of {self.dtype} "
+                                  f"(max |x| = {float(np.abs(value.astype(np.float32)).max()):.4g}); export it in a "
+                                  f"wider --dtype")
+        return cast
+
+
+def write_transformer(ckpt: Path, config: SanaConfig, folder: Path, *, dtype: np.dtype | None,
+                      max_shard_bytes: int) -> tuple[list[Path], int]:
+    """config.json and the safetensors shards of a diffusers transformer folder. Returns (files, tensors)."""
+    stored = check_stored_params(ckpt, config)
+    stream = _ParamStream(ckpt, stored, dtype)
+    specs = []
+    # key_table order keeps each parameter's tensors together, so each parameter is read once.
+    for row in key_table(config):
+        shape = tuple(stored[row.jax_path].shape)
+        for key, block in tensor_keys(row, config.num_layers):
+            stream.add(key, row, block)
+            torch_shape = row.layout.torch_shape(shape if block is None else shape[1:])
+            specs.append((key, TensorSpec(tuple(torch_shape), dtype or np.dtype(stored[row.jax_path].dtype))))
+    folder.mkdir(parents=True, exist_ok=True)
+    files = write_sharded(folder, specs, stream, max_shard_bytes=max_shard_bytes)
+    diffusers_config = {"_class_name": DIFFUSERS_CLASS, **_diffusers_version(), **config.to_diffusers()}
+    (folder / "config.json").write_text(json.dumps(diffusers_config, indent=2) + "\n")
+    return [folder / "config.json", *files], len(specs)
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConversionError(f"--pipeline: cannot read {what} {path}: {e}") from e
+
+
+def check_teacher_pipeline(pipeline: Path, config: SanaConfig) -> dict[str, Any]:
+    """The teacher pipeline's model_index.json, checked to have the parts a Sprint pipeline takes
+    from it and to fit the student (text width = caption_channels, latent channels = in_channels)."""
+    if not config.guidance_embeds:
+        raise ConversionError("--pipeline builds a SanaSprintPipeline, whose transformer is a student with "
+                              "guidance_embeds=True; this checkpoint is a flow model (guidance_embeds=False): export "
+                              "it without --pipeline")
+    index = _read_json(pipeline / "model_index.json", "the pipeline index")
+    missing = [name for name in PIPELINE_COMPONENTS if not (pipeline / name).is_dir() or name not in index]
+    if missing:
+        raise ConversionError(f"--pipeline {pipeline} lacks {', '.join(missing)}; expected a diffusers SanaPipeline or "
+                              f"SanaSprintPipeline folder (model_index.json with vae, text_encoder, tokenizer)")
+    text = _read_json(pipeline / "text_encoder" / "config.json", "the text encoder config")
+    width = text.get("hidden_size", text.get("text_config", {}).get("hidden_size"))
+    if width is not None and width != config.caption_channels:
+        raise ConversionError(f"--pipeline: its text encoder is {width} wide but the student reads captions of "
+                              f"caption_channels={config.caption_channels}")
+    vae = _read_json(pipeline / "vae" / "config.json", "the VAE config")
+    if vae.get("latent_channels", config.in_channels) != config.in_channels:
+        raise ConversionError(f"--pipeline: its VAE has {vae['latent_channels']} latent channels but the student "
+                              f"takes in_channels={config.in_channels}")
+    return index
+
+
+def write_sprint_pipeline(staging: Path, pipeline: Path, index: dict[str, Any]) -> None:
+    """Everything of a SanaSprintPipeline folder but the transformer: the teacher pipeline's VAE,
+    text encoder and tokenizer, an SCMScheduler config and model_index.json."""
+    for name in PIPELINE_COMPONENTS:
+        shutil.copytree(pipeline / name, staging / name)
+    scheduler = staging / "scheduler"
+    scheduler.mkdir()
+    (scheduler / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "SCMScheduler", **_diffusers_version(), "num_train_timesteps": 1000,
+        "prediction_type": "trigflow", "sigma_data": SIGMA_DATA}, indent=2) + "\n")
+    (staging / "model_index.json").write_text(json.dumps({
+        "_class_name": PIPELINE_CLASS, **_diffusers_version(),
+        **{name: index[name] for name in PIPELINE_COMPONENTS},
+        "scheduler": ["diffusers", "SCMScheduler"], "transformer": ["diffusers", DIFFUSERS_CLASS]}, indent=2) + "\n")
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, *, dtype: str | None = None, pipeline: str | Path | None = None,
+                      force: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> ExportResult:
+    """Write the model checkpoint `ckpt` as a diffusers transformer folder at `out` (dtype: fp32,
+    fp16, bf16, or None to keep the stored dtypes), or with `pipeline` (a SanaPipeline folder of the
+    teacher) as a SanaSprintPipeline folder whose transformer/ is the checkpoint's student."""
+    ckpt, out = Path(ckpt), Path(out)
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    config = read_model_config(ckpt)
+    index = None if pipeline is None else check_teacher_pipeline(Path(pipeline), config)
+    with fresh_output_dir(out, force=force) as staging:
+        transformer = staging if pipeline is None else staging / "transformer"
+        files, tensors = write_transformer(ckpt, config, transformer, dtype=DTYPES.get(dtype),
+                                           max_shard_bytes=max_shard_bytes)
+        if index is not None:
+            write_sprint_pipeline(staging, Path(pipeline), index)
+    dropped = [p for p in stored_params(ckpt) if p.startswith(JAX_ONLY)]
+    extra_files = [p.name for p in ckpt.iterdir() if p.name not in ("model.json", "params")]
+    files = [out / f.relative_to(staging) for f in files]
+    return ExportResult(config, files, tensors, dropped + extra_files)
