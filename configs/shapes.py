@@ -4,8 +4,17 @@ on 32x32 procedural shape images, sized to run end to end on a laptop CPU.
 Variants: `configs/shapes.py` distils the student (sCM + LADD) from `train.teacher_checkpoint`;
 `configs/shapes.py:teacher` trains the teacher with flow matching; add `,quick` to either for the
 short run the tests use. Latents are the lossless space-to-depth "autoencoder" of the images
-(factor 4: 8x8x48), captions the frozen word-level text encoder's 20 x 64 embeddings; `s2flash
+(factor 2: 16x16x12), captions the frozen word-level text encoder's 20 x 64 embeddings; `s2flash
 demo` writes both into the run's data directory and sets `data.path`.
+
+Why these choices (measured on the held-out prompts, 600 teacher steps):
+- Factor 2, not 4: a token of 48 latent channels in a 64-wide model leaves no room beside the
+  noise for the position embedding, and at pure noise the teacher placed objects anywhere
+  (position accuracy 8%); with 12 channels per token it is 75%. (SANA itself has 32 channels in a
+  1152-wide model.) It costs 4x the tokens.
+- Flow time s = sigmoid(2 + n), most of it near pure noise: the objects are small and bright, so
+  at SANA's sigmoid(n) they are already visible in x_s and the text is never needed to place them
+  (colour accuracy 57% -> 97%). Sampling warps the schedule the same way (flow_shift 3).
 """
 
 import dataclasses
@@ -19,11 +28,12 @@ from s2flash_jax.precision import Precision
 from s2flash_jax.recipes.flow_matching import FlowMatchingConfig
 from s2flash_jax.recipes.sana_sprint import SanaSprintConfig
 
-AUTOENCODER_FACTOR = 4
+AUTOENCODER_FACTOR = 2
 IMAGE_SIZE = 32
 CAPTION_LENGTH = 20
 CAPTION_WIDTH = 64
 GUIDANCE_SCALE = 3.0
+FLOW_SHIFT = 3.0
 
 TEACHER = SanaConfig(
     in_channels=3 * AUTOENCODER_FACTOR**2,
@@ -39,16 +49,17 @@ TEACHER = SanaConfig(
     sample_size=IMAGE_SIZE // AUTOENCODER_FACTOR,
     patch_size=1,
     # Sin-cos position embeddings: two blocks of 3x3 depthwise convs alone cannot tell a token where
-    # on the 8x8 grid it is, and every prompt names positions.
+    # on the 16x16 grid it is, and every prompt names positions.
     interpolation_scale=1.0,
     qk_norm="rms_norm_across_heads",
     guidance_embeds=False,
+    scan_unroll=2,  # both blocks in one fused body: ~30% faster on CPU
     timestep_scale=0.001,  # the Sprint teacher's dense time embedding: the embedder sees s itself
 )
 STUDENT = dataclasses.replace(TEACHER, guidance_embeds=True, timestep_scale=1.0, logvar_head=True)
 
 # (teacher steps, student steps) for the full demo and for --quick.
-STEPS = {"full": (1500, 400), "quick": (150, 40)}
+STEPS = {"full": (1200, 300), "quick": (100, 20)}
 
 
 def get_config(arg=None):
@@ -60,12 +71,12 @@ def get_config(arg=None):
     common = dict(
         precision=Precision(param_dtype="float32", compute_dtype="float32"),
         sample=SampleConfig(steps=1, batch_size=4, height=TEACHER.sample_size, width=TEACHER.sample_size,
-                            guidance_scale=GUIDANCE_SCALE),
+                            guidance_scale=GUIDANCE_SCALE, flow_shift=FLOW_SHIFT),
         data=DataConfig(caption_length=CAPTION_LENGTH),
     )
     if "teacher" in tokens:
-        return Config(model=TEACHER, recipe="flow_matching", flow_matching=FlowMatchingConfig(caption_dropout=0.1),
-                      train=TrainConfig(steps=teacher_steps, batch_size=32, optimizer="adamw", learning_rate=1e-3,
+        return Config(model=TEACHER, recipe="flow_matching", flow_matching=FlowMatchingConfig(time_mean=2.0, caption_dropout=0.1),
+                      train=TrainConfig(steps=teacher_steps, batch_size=32, optimizer="adamw", learning_rate=3e-3,
                                         schedule="cosine", warmup_steps=min(100, teacher_steps // 10),
                                         end_learning_rate=1e-5, clip_norm=1.0, ema_decay=0.99, log_every=50,
                                         checkpoint_every=500, keep_checkpoints=1),

@@ -3,7 +3,7 @@ Fréchet distance rate real renders as real, a rerun resumes instead of retraini
 sample --ckpt` serves the result.
 
 Not asserted yet: that distillation improves the 1-step student over its starting point. The
---quick teacher (150 steps) is still noise, so both score 0% and their Fréchet distances are within
+--quick teacher (100 steps) is still noise, so both score 0% and their Fréchet distances are within
 noise of each other (issue 7 stays open for it)."""
 
 import json
