@@ -49,6 +49,7 @@ from tests import sprint_reference as ref  # noqa: E402
 LEARNING_RATE, CLIP_NORM = 2e-6, 0.1  # reference_optimizer()'s defaults, mirrored on the torch side
 CHECKED = ("scm/loss", "scm/loss_no_logvar", "generator/adversarial")
 CHECK_RTOL = 1e-3  # float32 both sides, different summation orders; wrong maths moves these by far more
+CHECK_SEED = 1  # the key of the generator call whose losses are checked against torch
 
 
 # ---- network configs ----
@@ -145,9 +146,18 @@ def torch_update(loss, module, optimizer):
     optimizer.zero_grad(set_to_none=True)
 
 
-def torch_steps(nets: ref.Networks, tb: ref.TorchBatch, config: SanaSprintConfig, step: int):
+def on_device(tensors, device):
+    """A dataclass of tensors (draws, TorchBatch) with every tensor moved to `device` (None: as is)."""
+    if device is None:
+        return tensors
+    return dataclasses.replace(tensors, **{field.name: getattr(tensors, field.name).to(device)
+                                           for field in dataclasses.fields(tensors)})
+
+
+def torch_steps(nets: ref.Networks, tb: ref.TorchBatch, config: SanaSprintConfig, step: int, device=None):
     """{row name: no-argument torch step}. Each phase trains only its own network: the other's
-    parameters are frozen so autograd does no work for them (JAX differentiates only the trained one)."""
+    parameters are frozen so autograd does no work for them (JAX differentiates only the trained one).
+    device: where the networks and `tb` are (None: the CPU); random draws are made on the CPU and moved."""
     student, discriminator = nets.torch_student, nets.torch_discriminator
     g_opt, fm_opt = torch_optimizer(student.parameters()), torch_optimizer(student.parameters())
     d_opt = torch_optimizer(discriminator.heads.parameters())
@@ -157,10 +167,11 @@ def torch_steps(nets: ref.Networks, tb: ref.TorchBatch, config: SanaSprintConfig
     def flow_matching():
         student.requires_grad_(True)
         x0, size = tb.latents, tb.latents.shape[0]
-        s = torch.sigmoid(torch.randn(size, generator=generator))
-        noise = torch.randn(x0.shape, generator=generator)
+        s = torch.sigmoid(torch.randn(size, generator=generator)).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
         sb = s.view(-1, 1, 1, 1)
-        guidance = ref.guidance_scales(size, scm, generator) * student.model.config.guidance_embeds_scale
+        scales = ref.guidance_scales(size, scm, generator).to(x0.device)
+        guidance = scales * student.model.config.guidance_embeds_scale
         v = student.model(((1 - sb) * x0 + sb * noise), tb.caption, student.time_input(s), guidance=guidance,
                           encoder_attention_mask=tb.caption_mask, return_dict=False)[0]
         torch_update(((v - (noise - x0)) ** 2).mean(), student, fm_opt)
@@ -168,14 +179,14 @@ def torch_steps(nets: ref.Networks, tb: ref.TorchBatch, config: SanaSprintConfig
     def generator_step():
         student.requires_grad_(True)
         discriminator.heads.requires_grad_(False)
-        draws = ref.sample_generator_draws(shape, scm, config.ladd, generator)
+        draws = on_device(ref.sample_generator_draws(shape, scm, config.ladd, generator), device)
         loss, _ = ref.torch_generator_loss(nets, tb, draws, config, step)
         torch_update(loss, student, g_opt)
 
     def discriminator_step():
         student.requires_grad_(False)
         discriminator.heads.requires_grad_(True)
-        draws = ref.sample_discriminator_draws(shape, scm, config.ladd, generator)
+        draws = on_device(ref.sample_discriminator_draws(shape, scm, config.ladd, generator), device)
         loss, _ = ref.torch_discriminator_loss(nets, tb, draws, config)
         torch_update(loss, discriminator.heads, d_opt)
 
@@ -197,26 +208,39 @@ def check_generator(jax_metrics, torch_metrics):
     return max(diffs.values())
 
 
+def jax_phase_steps(nets: ref.Networks, batch, config: SanaSprintConfig, step: int):
+    """(recipe, its state at `step`, {phase: jitted donating step(state, batch, key) -> (state, metrics)})
+    of the SANA-Sprint recipe on the JAX networks."""
+    recipe, state = sana_sprint(nets.student, nets.teacher, nets.discriminator, jnp.asarray(batch["null_caption"]),
+                                jnp.asarray(batch["null_caption_mask"]), config)
+    state = fresh_buffers(state.replace(step=jnp.int32(step)))
+    return recipe, state, {name: jax.jit(functools.partial(recipe.phase_update, name), donate_argnums=0)
+                           for name in ("generator", "discriminator")}
+
+
+def check_against_torch(jax_metrics, latent_shape, nets: ref.Networks, torch_ref: ref.TorchBatch,
+                        config: SanaSprintConfig, step: int, device=None) -> float:
+    """Worst relative difference between the losses of a JAX generator call keyed CHECK_SEED and the
+    torch reference's on the same draws (an error beyond CHECK_RTOL). device: the torch networks'."""
+    draws = on_device(ref.jax_generator_draws(jax.random.key(CHECK_SEED), latent_shape, config), device)
+    _, torch_metrics = ref.torch_generator_loss(nets, torch_ref, draws, config, step)
+    return check_generator(jax_metrics, {name: float(value) for name, value in torch_metrics.items()})
+
+
 def jax_steps(nets: ref.Networks, batch, jax_batch, torch_ref: ref.TorchBatch, config: SanaSprintConfig, step: int):
     """({row name: no-argument JAX step}, {phase: compile seconds}, worst relative loss difference).
 
     The first generator call compiles and gives the losses to check against torch on the same
     draws; each runner then starts from the state it returned."""
-    recipe, state = sana_sprint(nets.student, nets.teacher, nets.discriminator, jnp.asarray(batch["null_caption"]),
-                                jnp.asarray(batch["null_caption_mask"]), config)
-    state = fresh_buffers(state.replace(step=jnp.int32(step)))
-    g_step, d_step = (jax.jit(functools.partial(recipe.phase_update, name), donate_argnums=0)
-                      for name in ("generator", "discriminator"))
+    recipe, state, phase_steps = jax_phase_steps(nets, batch, config, step)
+    g_step, d_step = phase_steps["generator"], phase_steps["discriminator"]
     fm_step, fm_carry = jax_flow_matching(nets.student, recipe.optimizers["student"], config)
 
-    check_key = jax.random.key(1)
     start = time.perf_counter()
-    state, jax_metrics = g_step(state, jax_batch, check_key)
+    state, jax_metrics = g_step(state, jax_batch, jax.random.key(CHECK_SEED))
     jax.block_until_ready(state)
     compile_s = {"G": time.perf_counter() - start}
-    draws = ref.jax_generator_draws(check_key, jax_batch["latents"].shape, config)
-    _, torch_metrics = ref.torch_generator_loss(nets, torch_ref, draws, config, step)
-    max_diff = check_generator(jax_metrics, {name: float(value) for name, value in torch_metrics.items()})
+    max_diff = check_against_torch(jax_metrics, jax_batch["latents"].shape, nets, torch_ref, config, step)
 
     runs = {"flow_matching": jax_runner(fm_step, fm_carry, jax_batch, seed=2),
             "scm_ladd_generator": jax_runner(g_step, state, jax_batch, seed=3),

@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
+from launch.local import start_processes
 from s2flash_jax.parallel.distributed import DistributedConfig, resolve
-from tests.conftest import REPO, fake_devices_env, free_port
+from tests.conftest import REPO, fake_devices_env
 
 
 def test_explicit_settings_from_config_or_environment():
@@ -34,13 +35,9 @@ def test_incomplete_or_bad_settings_are_rejected(config, env, message):
 
 
 def test_two_processes_share_a_sharded_model_and_batch():
-    port = free_port()
-    procs = []
-    for process_id in range(2):
-        env = fake_devices_env(2, S2FLASH_COORDINATOR=f"127.0.0.1:{port}", S2FLASH_NUM_PROCESSES="2",
-                               S2FLASH_PROCESS_ID=str(process_id))
-        procs.append(subprocess.Popen([sys.executable, str(REPO / "tests" / "sharded_worker.py"), "multiprocess"],
-                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    procs = start_processes([sys.executable, str(REPO / "tests" / "sharded_worker.py"), "multiprocess"],
+                            processes=2, devices_per_process=2, environ=fake_devices_env(2), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for process_id, (p, out) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0 and f"ok process {process_id} mesh" in out, out

@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, fake_devices_env, free_port
+from launch.local import start_processes
+from tests.conftest import REPO, fake_devices_env
 from tests.tiny_data import write_tiny_dataset
 
 WORKER = str(REPO / "tests" / "train_worker.py")
@@ -62,12 +63,9 @@ def test_resume_on_another_mesh_and_two_processes_equal_one(dataset, tmp_path):
     one = run_worker(["remesh", dataset, tmp_path / "one"], devices=4)
     assert_same_losses(one["resumed"], one["uninterrupted"], "fsdp=4 -> data=2,fsdp=2")
 
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, WORKER, "losses", dataset, str(tmp_path / "multi"), "data=-1"],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=fake_devices_env(2, S2FLASH_COORDINATOR=f"127.0.0.1:{port}",
-                                                   S2FLASH_NUM_PROCESSES="2", S2FLASH_PROCESS_ID=str(i)))
-             for i in range(2)]
+    procs = start_processes([sys.executable, WORKER, "losses", dataset, str(tmp_path / "multi"), "data=-1"],
+                            processes=2, devices_per_process=2, environ=fake_devices_env(2), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     outputs = [p.communicate(timeout=900)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-5000:]
