@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import numpy as np
 from conversion.errors import ConversionError
 from conversion.safetensors_io import TensorSpec
 from conversion.sana_diffusers import Row, jax_only_rows, key_table, tensor_keys
-from conversion.sources import TensorSource
+from conversion.sources import TensorSource, read_json_object
 from s2flash_jax.models.sana import SanaConfig
 
 # diffusers module -> original module ("{i}": block index; "" is the model itself).
@@ -138,13 +137,7 @@ def load_config_arg(value: str) -> dict[str, Any]:
     path = Path(value)
     if not path.is_file():
         raise ConversionError(f"--config {value!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"--config {value}: not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise ConversionError(f"--config {value}: expected a JSON object of SanaTransformer2DModel config keys")
-    return config
+    return read_json_object(path, f"--config {value}", "a JSON object of SanaTransformer2DModel config keys")
 
 
 _BLOCK = re.compile(r"blocks\.(\d+)\.")

@@ -99,6 +99,18 @@ def check_format(path: str | Path, expected: str) -> None:
     raise ConversionError(f"--format {expected} expects {described[expected]} but {path} is {described[found]}{hint}")
 
 
+def read_json_object(path: Path, label: str, expected: str) -> dict[str, Any]:
+    """The JSON object in `path`; a file that is not valid JSON or not an object is a ConversionError
+    starting with `label` and naming what was `expected`."""
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{label} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise ConversionError(f"{label} is not {expected}")
+    return value
+
+
 def open_diffusers(path: str | Path) -> DiffusersFolder:
     """A diffusers transformer folder, or the transformer/ of a diffusers pipeline folder."""
     path = Path(path)
@@ -107,12 +119,7 @@ def open_diffusers(path: str | Path) -> DiffusersFolder:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise ConversionError(f"{path} has no config.json; expected a diffusers {DIFFUSERS_CLASS} folder")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{config_path} is not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise ConversionError(f"{config_path} is not a JSON object")
+    config = read_json_object(config_path, f"{config_path}", "a JSON object")
     class_name = config.get("_class_name", DIFFUSERS_CLASS)
     if class_name != DIFFUSERS_CLASS:
         raise ConversionError(f"{config_path} is the config of a {class_name}, not of a {DIFFUSERS_CLASS} (SANA transformer)")
