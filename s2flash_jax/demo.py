@@ -86,15 +86,16 @@ def run_shapes_demo(out: Path, *, quick: bool = False, force: bool = False) -> d
     feature_net = _feature_net(out / "feature_net", size.feature_net_steps)
     clock["data_s"] = time.perf_counter() - start
 
-    components = _component_writer(out / "text_encoder", autoencoder, teacher_config)
     start = time.perf_counter()
-    teacher_ckpt = _train_stage("teacher", teacher_config, out / "teacher", components)
+    teacher_ckpt = _train_stage("teacher", teacher_config, out / "teacher",
+                                _component_writer(out / "text_encoder", autoencoder, teacher_config))
     clock["teacher_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
     student_config = load_config(f"{CONFIG}:{variant.lstrip(',')}",
                                  [f"data.path={out / 'data'}", f"train.teacher_checkpoint={teacher_ckpt}"])
-    student_ckpt = _train_stage("student", student_config, out / "student", components)
+    student_ckpt = _train_stage("student", student_config, out / "student",
+                                _component_writer(out / "text_encoder", autoencoder, student_config))
     clock["student_s"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -44,7 +44,7 @@ def few_step_sample(model: SanaTransformer, noise: jax.Array, caption: jax.Array
 
     if mcfg.guidance_embeds:
         return scm_sample(trigflow_from_flow_matching(velocity), noise, key,
-                          scm_timesteps(steps)) / SIGMA_DATA
+                          scm_timesteps(steps, shift=flow_shift)) / SIGMA_DATA
     if null_caption is None or guidance_scale == 1.0:
         return euler_sample(velocity, noise, steps, shift=flow_shift)
     captions = jnp.concatenate([jnp.broadcast_to(null_caption.astype(caption.dtype), caption.shape), caption])

@@ -47,6 +47,17 @@ def test_timesteps():
         scm_timesteps(3, (0.5, 1.0))
 
 
+def test_shifted_timesteps_are_the_flow_schedules_warp():
+    """Shift k moves each intermediate time as the flow schedule s -> k·s / (1 + (k-1)·s) moves its flow time."""
+    uniform, shifted = scm_timesteps(4), scm_timesteps(4, shift=3.0)
+    assert shifted[0] == MAX_TIME and shifted[-1] == 0.0
+    s = np.asarray(flow_time(jnp.asarray(uniform[1:-1])))
+    np.testing.assert_allclose(flow_time(jnp.asarray(shifted[1:-1])), 3 * s / (1 + 2 * s), rtol=1e-5)
+    assert all(a > b for a, b in zip(shifted[1:-1], uniform[1:-1]))  # towards noise
+    with pytest.raises(ValueError, match="shift"):
+        scm_timesteps(2, shift=0.0)
+
+
 @pytest.mark.parametrize("steps", [1, 2, 4])
 def test_sampler_with_an_exact_one_step_model_reproduces_the_data_distribution(steps):
     """An exact consistency model maps noise to data at every step count (re-noising included).

@@ -88,16 +88,22 @@ def consistency_fn(model: TrigFlowFn, x_t: jax.Array, t: jax.Array, sigma_data: 
 
 
 def scm_timesteps(num_steps: int, intermediate: Sequence[float] | None = None,
-                  max_time: float = MAX_TIME) -> list[float]:
+                  max_time: float = MAX_TIME, shift: float = 1.0) -> list[float]:
     """Sampling times [max_time, ..., 0] with num_steps + 1 entries.
 
-    Without `intermediate`, uniform in t (diffusers' SCMScheduler); with it, the num_steps - 1
-    times between max_time and 0 (SANA's own 2-step validation uses (1.0,), diffusers' pipeline (1.3,)).
+    Without `intermediate`, uniform in t (diffusers' SCMScheduler), then moved towards noise by
+    `shift` as a flow teacher's schedule is (noise-to-signal ratio tan t times shift, the flow-time
+    warp s -> shift·s / (1 + (shift-1)·s)), so a student samples where its teacher was trained;
+    shift 1 keeps diffusers' times. With `intermediate`, the num_steps - 1 times between max_time
+    and 0 (SANA's own 2-step validation uses (1.0,), diffusers' pipeline (1.3,)).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps={num_steps} must be >= 1")
+    if shift <= 0:
+        raise ValueError(f"shift={shift} must be > 0")
     if intermediate is None:
-        return [max_time - i * max_time / num_steps for i in range(num_steps)] + [0.0]
+        uniform = [max_time - i * max_time / num_steps for i in range(1, num_steps)]
+        return [max_time, *(math.atan(shift * math.tan(t)) for t in uniform), 0.0]
     intermediate = [float(x) for x in intermediate]
     if len(intermediate) != num_steps - 1:
         raise ValueError(f"{num_steps} steps need {num_steps - 1} intermediate times, got {intermediate}")
