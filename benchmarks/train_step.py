@@ -2,7 +2,7 @@
 the PyTorch reference (diffusers' SanaTransformer2DModel, torch.func.jvp, came-pytorch): same
 networks, weights, hyperparameters and batch, float32 on both sides. Reports examples/s (an update
 takes one global batch; generator and discriminator updates alternate, as in `s2flash train`),
-peak memory (see benchmarks/memory.py), the JAX step's FLOPs (benchmarks/flops.py) and its model
+peak memory (see benchmarks/memory.py), the JAX step's FLOPs (s2flash_jax/train/flops.py) and its model
 FLOPs utilisation on accelerators with a known peak.
 
 The pieces are benchmarks/objective.py's (which also times a flow-matching baseline) and the
@@ -24,7 +24,7 @@ import torch
 
 from benchmarks import objective
 from benchmarks.entry import benchmark_main
-from benchmarks.flops import matmul_flops, model_flops_utilisation, peak_flops
+from s2flash_jax.train.flops import matmul_flops, model_flops_utilisation, peak_flops
 from benchmarks.forward import timed
 from benchmarks.memory import TorchPeak, jax_peak_bytes, tensor_bytes
 from benchmarks.shapes import Shapes, model_pair

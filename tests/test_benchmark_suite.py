@@ -16,7 +16,7 @@ import torch
 from flax import nnx
 
 from benchmarks import report, shapes
-from benchmarks.flops import matmul_flops, model_flops_utilisation
+from s2flash_jax.train.flops import matmul_flops, model_flops_utilisation
 from benchmarks.memory import TorchPeak, jax_peak_bytes
 from s2flash_jax.models.sana import SanaTransformer
 from tests.conftest import REPO
@@ -108,11 +108,18 @@ def canned_results(torch_side: bool = True) -> dict:
         del train["generator_loss_max_rel_diff"]
         sampling = {**sampling, "rows": [{"steps": n, "jax_ms": 1.0} for n in (1, 2, 4)]}
         del sampling["one_step_max_rel_diff"]
+    text_to_image = {**sampling, "components": "Gemma-2 width 32", "one_step_max_abs_diff": 1e-6,
+                     "rows": [{"steps": n, "jax_ms": 10.0 * n, "torch_ms": 20.0 * n, "jax_over_torch": 0.5}
+                              for n in (1, 2, 4)]}
+    if not torch_side:
+        text_to_image = {**text_to_image, "rows": [{"steps": n, "jax_ms": 10.0} for n in (1, 2, 4)]}
+        del text_to_image["one_step_max_abs_diff"]
     scaling = {"config": "configs/tiny.py", "batch": 16, "steps": 40, "cpu_cores": 2,
                "rows": [{"devices": d, "step_time_s": 0.4, "examples_per_s": 40.0, "vs_1_device": 1.0} for d in (1, 8)]}
     return {"machine": {"date": "today", "device": "1 x cpu (cpu)", "cpu_cores": 2, "load_average": 1.0,
                         "jax": "0.10.2", "torch": "2.13.0", "omp_wait_policy": "PASSIVE"},
-            "benchmarks": {"train_step": train, "sampling": sampling, "scaling": scaling}}
+            "benchmarks": {"train_step": train, "sampling": sampling, "text_to_image": text_to_image,
+                           "scaling": scaling}}
 
 
 def test_report_has_a_table_per_benchmark_with_the_ratios():
@@ -121,6 +128,7 @@ def test_report_has_a_table_per_benchmark_with_the_ratios():
     assert "| PyTorch (cpu) | 250.0 | 150.0 | 40.0 | 20.0 MiB | | |" in text
     assert "| 4 | 4.00 | 20 | 0.2 |" in text
     assert "| 8 | 400 | 40.0 | 1.00 |" in text
+    assert "| 4 | 40.0 | 80 | 0.5 |" in text and "1-step images agree to 1.0e-06" in text
     assert "n/a (no peak FLOP/s known for this device)" in text
 
 
@@ -129,6 +137,7 @@ def test_report_without_a_reference_or_with_a_failure_says_so():
     results["benchmarks"]["scaling"] = {"error": "exit status 1: boom"}
     text = report.markdown(results)
     assert "no PyTorch reference on this platform" in text and "| 1 | 1.00 | n/a | n/a |" in text
+    assert "| 4 | 10.0 | n/a | n/a |" in text
     assert "Failed: exit status 1: boom" in text
 
 
@@ -139,7 +148,7 @@ def test_the_suite_writes_json_and_markdown_with_every_benchmark(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=3000)
     assert done.returncode == 0, done.stderr[-5000:]
     suite = json.loads((tmp_path / "suite.json").read_text())
-    assert set(suite["benchmarks"]) == {"train_step", "sampling", "scaling"}
+    assert set(suite["benchmarks"]) == {"train_step", "sampling", "text_to_image", "scaling"}
     train, sampling, scaling = (suite["benchmarks"][k] for k in ("train_step", "sampling", "scaling"))
     for side in ("jax", "torch"):
         assert train[side]["examples_per_s"] > 0 and train[side]["peak_bytes"] > 0
@@ -147,6 +156,9 @@ def test_the_suite_writes_json_and_markdown_with_every_benchmark(tmp_path):
     assert all(v > 0 for v in train["ratio"].values()) and train["jax"]["tflops_per_s"] > 0
     assert [row["steps"] for row in sampling["rows"]] == [1, 2, 4]
     assert all(row["jax_ms"] > 0 and row["torch_ms"] > 0 and row["jax_over_torch"] > 0 for row in sampling["rows"])
+    end_to_end = suite["benchmarks"]["text_to_image"]
+    assert [row["steps"] for row in end_to_end["rows"]] == [1, 2, 4] and end_to_end["one_step_max_abs_diff"] < 1e-4
+    assert all(row["jax_ms"] > 0 and row["torch_ms"] > 0 for row in end_to_end["rows"])
     assert [row["devices"] for row in scaling["rows"]] == [1, 2]
     assert all(row["examples_per_s"] > 0 and np.isfinite(row["vs_1_device"]) for row in scaling["rows"])
     assert (tmp_path / "suite.md").read_text() == report.markdown(suite)

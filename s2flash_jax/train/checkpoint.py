@@ -4,7 +4,8 @@ Built on orbax's `CheckpointManager`: saves are asynchronous (training continues
 written), atomic (a step directory only counts once orbax has committed it) and only the newest
 `keep` are kept. Each process writes its own shards of the state and its own data-iterator state.
 Restoring takes a target whose arrays carry the *new* run's shardings, so a checkpoint saved on
-one mesh restores onto any other. A checkpoint that fails to restore is reported and the one
+one mesh restores onto any other, but only with as many processes as wrote it (each process's
+data-iterator position is its own). A checkpoint that fails to restore is reported and the one
 before it is used.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import grain.checkpoint
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -24,6 +26,10 @@ class Restored:
     step: int
     state: Any
     meta: dict
+
+
+class ProcessCountMismatch(ValueError):
+    """A run resumed with another number of processes than wrote its checkpoints."""
 
 
 class RunCheckpoints:
@@ -43,12 +49,14 @@ class RunCheckpoints:
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
-            meta=ocp.args.JsonSave(meta)), force=True)
+            meta=ocp.args.JsonSave({**meta, "process_count": jax.process_count()})), force=True)
 
     def restore_newest(self, target: Any, data_iterator: Any) -> Restored | None:
         """The newest checkpoint that restores, onto `target` (see sharded_shapes); the data iterator
         is moved to the saved position. None if there is no checkpoint; an error if none restores."""
         steps = self.steps()
+        if steps:
+            self._check_process_count(steps[-1])
         for step in reversed(steps):
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -63,6 +71,18 @@ class RunCheckpoints:
         if steps:
             raise RuntimeError(f"none of the checkpoints {steps} in {self.directory} could be restored")
         return None
+
+    def _check_process_count(self, step: int) -> None:
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception:  # noqa: BLE001 — an unreadable checkpoint is reported by the restore loop
+            return
+        saved = meta.get("process_count")
+        if saved is not None and saved != jax.process_count():
+            raise ProcessCountMismatch(
+                f"checkpoint {self.directory / str(step)} was written by {saved} process(es) and this run has "
+                f"{jax.process_count()}: each process saved its own data-iterator position, so resume with "
+                f"{saved} process(es) (any mesh shape), or start a new run from an exported model")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -1,4 +1,5 @@
-"""FLOPs of a JAX function counted from its jaxpr, and model FLOPs utilisation (MFU).
+"""FLOPs of a JAX function counted from its jaxpr, and model FLOPs utilisation (MFU): what the
+training loop logs as perf/mfu and the benchmark suite reports.
 
 Why not XLA's cost analysis (`compiled.cost_analysis()["flops"]`): it counts the body of a loop
 once, whatever its trip count, and SanaTransformer runs its blocks as one `lax.scan`, so a 28-layer
@@ -22,10 +23,11 @@ from s2flash_jax.train.metrics import PEAK_FLOPS, device_kind
 
 def matmul_flops(fn: Callable, *args, **kwargs) -> int:
     """FLOPs of the matrix products and convolutions of fn(*args, **kwargs), traced, not run."""
-    return _jaxpr_flops(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)
+    return jaxpr_flops(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)
 
 
-def _jaxpr_flops(jaxpr) -> int:
+def jaxpr_flops(jaxpr) -> int:
+    """FLOPs of the matrix products and convolutions of a jaxpr (scan bodies times their length)."""
     total = 0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
@@ -34,11 +36,11 @@ def _jaxpr_flops(jaxpr) -> int:
         elif name == "conv_general_dilated":
             total += _conv_flops(eqn)
         elif name == "scan":
-            total += eqn.params["length"] * _jaxpr_flops(eqn.params["jaxpr"].jaxpr)
+            total += eqn.params["length"] * jaxpr_flops(eqn.params["jaxpr"].jaxpr)
         elif name == "cond":  # one branch runs; count the dearest
-            total += max(_jaxpr_flops(branch.jaxpr) for branch in eqn.params["branches"])
+            total += max(jaxpr_flops(branch.jaxpr) for branch in eqn.params["branches"])
         else:  # jit, remat, custom_jvp/vjp calls, while (trip count unknown: once), shard_map, ...
-            total += sum(_jaxpr_flops(sub) for sub in _sub_jaxprs(eqn.params))
+            total += sum(jaxpr_flops(sub) for sub in _sub_jaxprs(eqn.params))
     return total
 
 

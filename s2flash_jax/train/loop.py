@@ -35,7 +35,7 @@ from s2flash_jax.sampling import few_step_sample, latent_preview
 from s2flash_jax.train.checkpoint import RunCheckpoints
 from s2flash_jax.train.metrics import MetricsLogger
 from s2flash_jax.train.state import TrainState, initialiser, product_params
-from s2flash_jax.train.step import compile_ahead, compiled_flops
+from s2flash_jax.train.step import compile_ahead
 
 # Config keys a resumed run may change: how long, how often, and how the work is laid out.
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
@@ -95,12 +95,12 @@ def train(config: Config, out: str | Path, *, resume: bool = False, force: bool 
 
     recipe = setup.recipe
     data_sharding = batch_sharding(mesh)
-    steps = compile_ahead(recipe, shardings, mesh, config, setup.abstract,
+    steps, flops = compile_ahead(recipe, shardings, mesh, config, setup.abstract,
                           log=print if primary and not quiet else None)
     end = config.train.steps if stop_after is None else min(config.train.steps, start + stop_after)
     logger = MetricsLogger(out / "tensorboard", total_steps=config.train.steps, start_step=start,
                            every=config.train.log_every, examples_per_step=config.train.batch_size,
-                           flops_per_step={p: compiled_flops(c) for p, c in steps.items()},
+                           flops_per_step=flops,
                            enabled=primary and not quiet)
     sampler = _Sampler(config, mesh, setup.recipe.product) if config.train.sample_every else None
     losses: list[dict[str, float]] = []

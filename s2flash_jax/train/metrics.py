@@ -41,8 +41,8 @@ def device_kind(device: jax.Device) -> str | None:
 class MetricsLogger:
     """Collects per-step metrics; every `every` steps prints their means and writes TensorBoard scalars.
 
-    flops_per_step: {phase: FLOPs of one update on one device} (from the compiled step's cost
-    analysis) for the MFU estimate, which needs a known accelerator (PEAK_FLOPS).
+    flops_per_step: {phase: matrix FLOPs of one update on one device} (train.step.compile_ahead)
+    for the MFU estimate, which needs a known accelerator (PEAK_FLOPS).
     """
 
     def __init__(self, logdir: str | Path | None, *, total_steps: int, start_step: int, every: int,

@@ -79,7 +79,7 @@ def plan_memory(config, device_kind: str, log: Callable[[str], None] | None = No
         "optimizer state": per_device_bytes(a.distill.opt_state, s.distill.opt_state),
         "other state": per_device_bytes((a.distill.stats, a.key, a.step), (s.distill.stats, s.key, s.distill.step)),
     }
-    compiled = compile_ahead(setup.recipe, shardings, mesh, config, setup.abstract, log=log)
+    compiled, _ = compile_ahead(setup.recipe, shardings, mesh, config, setup.abstract, log=log)
     temporaries, peaks = {}, {}
     for phase, c in compiled.items():
         m = c.memory_analysis()

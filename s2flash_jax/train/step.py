@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from s2flash_jax.parallel.mesh import batch_sharding, sharded_shapes
 from s2flash_jax.recipes.base import Metrics, Recipe
+from s2flash_jax.train.flops import jaxpr_flops
 from s2flash_jax.train.optim import skipped_updates
 from s2flash_jax.train.state import TrainState, ema_update
 
@@ -53,24 +54,22 @@ def abstract_batch(config, sharding: NamedSharding) -> dict[str, jax.ShapeDtypeS
 
 
 def compile_ahead(recipe: Recipe, shardings: TrainState, mesh: Mesh, config, abstract: TrainState,
-                  log: Callable[[str], None] | None = None) -> dict[str, jax.stages.Compiled]:
-    """Every phase's step compiled for abstract inputs: callable like the jitted step, and its cost
-    and memory analyses are known before the first batch."""
+                  log: Callable[[str], None] | None = None) -> tuple[dict[str, jax.stages.Compiled], dict[str, float]]:
+    """(phase -> step compiled for abstract inputs, phase -> matrix FLOPs of one step per device).
+
+    The compiled steps are callable like the jitted ones, and their memory analyses are known before
+    the first batch. FLOPs are counted on the traced step (XLA's cost analysis counts the scanned
+    blocks once) and split evenly over the mesh's devices.
+    """
     state_spec = sharded_shapes(abstract, shardings)
     batch_spec = abstract_batch(config, batch_sharding(mesh))
-    compiled = {}
+    compiled, flops = {}, {}
     for phase, fn in compile_steps(recipe, shardings, mesh, config.train.ema_decay).items():
         start = time.perf_counter()
         with jax.set_mesh(mesh):
-            compiled[phase] = fn.lower(state_spec, batch_spec).compile()
+            traced = fn.trace(state_spec, batch_spec)
+            compiled[phase] = traced.lower().compile()
+        flops[phase] = jaxpr_flops(traced.jaxpr.jaxpr) / mesh.size
         if log:
             log(f"compiled the {phase} step in {time.perf_counter() - start:.1f}s")
-    return compiled
-
-
-def compiled_flops(compiled: jax.stages.Compiled) -> float:
-    """FLOPs of one call on one device, as XLA's cost analysis counts them (0 if unknown)."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, list):
-        analysis = analysis[0] if analysis else {}
-    return float((analysis or {}).get("flops", 0.0))
+    return compiled, flops
