@@ -42,6 +42,20 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def step_rows(jax_runs: dict, torch_runs: dict, repeats: int) -> list[dict]:
+    """{steps: call} of each side (torch_runs empty where there is no reference) -> one row per step
+    count with the median ms of each and their ratio; JAX then torch for each row, so both see the
+    same background load."""
+    rows = []
+    for n, jax_run in jax_runs.items():
+        row = {"steps": n, "jax_ms": timed(jax_run, repeats)}
+        if n in torch_runs:
+            row["torch_ms"] = timed(torch_runs[n], repeats)
+            row["jax_over_torch"] = row["jax_ms"] / row["torch_ms"]
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/sana_sprint.py:0.6b")

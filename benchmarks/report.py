@@ -15,7 +15,8 @@ def markdown(results: dict) -> str:
              f"Measured {m['date']} on {m['device']}, {m['cpu_cores']} CPU cores (load average {m['load_average']} "
              f"at the start), jax {m['jax']}, torch {m['torch']} (OpenMP wait policy {m['omp_wait_policy']}). "
              f"Ratios are JAX / PyTorch.", ""]
-    sections = {"train_step": _train_step, "sampling": _sampling, "scaling": _scaling}
+    sections = {"train_step": _train_step, "sampling": _sampling, "text_to_image": _text_to_image,
+                "scaling": _scaling}
     for name, render in sections.items():
         if name not in results["benchmarks"]:
             continue
@@ -64,14 +65,26 @@ def _sampling(r: dict) -> list[str]:
     torch_side = "torch_ms" in r["rows"][0]
     lines = ["## Sampling latency: JAX student vs the transformer in SanaSprintPipeline", "",
              f"{r['describe']}; batch {r['batch']}, {r['dtype']}, on {r['device']['kind']}; prompt embeddings in, "
-             f"latents out (no text encoder, no VAE); median of the runs.", "",
-             "| steps | JAX ms | PyTorch ms | JAX / PyTorch |", "|---|---|---|---|"]
-    for row in r["rows"]:
-        lines.append(f"| {row['steps']} | {row['jax_ms']:.2f} | {_number(row.get('torch_ms'), 4)} | "
-                     f"{_number(row.get('jax_over_torch'))} |")
+             f"latents out (no text encoder, no VAE); median of the runs.", "", *_steps_table(r["rows"], ".2f")]
     if torch_side:
         lines += ["", f"1-step latents agree to {r['one_step_max_rel_diff']:.1e} of max |latent|."]
     return lines
+
+
+def _text_to_image(r: dict) -> list[str]:
+    lines = ["## Prompt to image: `s2flash sample` in JAX vs SanaSprintPipeline", "",
+             f"{r['describe']}; {r['components']}; batch {r['batch']}, {r['dtype']}, on {r['device']['kind']}; "
+             f"prompts in, images out (Gemma-2, sampling, DC-AE decoding); median of the runs.", "",
+             *_steps_table(r["rows"], ".1f")]
+    if "one_step_max_abs_diff" in r:
+        lines += ["", f"1-step images agree to {r['one_step_max_abs_diff']:.1e} (pixel values in [0, 1])."]
+    return lines
+
+
+def _steps_table(rows: list[dict], jax_format: str) -> list[str]:
+    lines = ["| steps | JAX ms | PyTorch ms | JAX / PyTorch |", "|---|---|---|---|"]
+    return lines + [f"| {row['steps']} | {row['jax_ms']:{jax_format}} | {_number(row.get('torch_ms'), 4)} | "
+                    f"{_number(row.get('jax_over_torch'))} |" for row in rows]
 
 
 def _scaling(r: dict) -> list[str]:

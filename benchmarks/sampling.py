@@ -21,7 +21,7 @@ from diffusers import SanaSprintPipeline, SanaTransformer2DModel, SCMScheduler
 from flax import nnx
 
 from benchmarks.entry import benchmark_main
-from benchmarks.forward import timed
+from benchmarks.forward import step_rows
 from benchmarks.shapes import Shapes, model_pair
 from benchmarks.torch_side import synchronised, torch_device
 from conversion.sana_diffusers import sana_from_diffusers
@@ -83,7 +83,7 @@ def run(shapes: Shapes, repeats: int) -> dict:
     arrays = inputs(shapes, student_config.in_channels, student_config.caption_channels)
     device = torch_device()
     result = {"shapes": dataclasses.asdict(shapes), "describe": shapes.describe(), "batch": shapes.sample_batch,
-              "dtype": dtype, "rows": []}
+              "dtype": dtype}
     jax_runs = {n: jax_sampler(model, arrays, n) for n in STEPS}
     if device is not None:
         torch_dtype = getattr(torch, dtype)
@@ -99,12 +99,7 @@ def run(shapes: Shapes, repeats: int) -> dict:
         if not difference <= CHECK_TOLERANCE[dtype]:
             raise SystemExit(f"1-step latents differ: {difference:.2e} of max |latent| > {CHECK_TOLERANCE[dtype]}")
         result["one_step_max_rel_diff"] = difference
-    for n in STEPS:  # JAX then torch for each row, so both see the same background load
-        row = {"steps": n, "jax_ms": timed(jax_runs[n], repeats)}
-        if device is not None:
-            row["torch_ms"] = timed(torch_runs[n], repeats)
-            row["jax_over_torch"] = row["jax_ms"] / row["torch_ms"]
-        result["rows"].append(row)
+    result["rows"] = step_rows(jax_runs, torch_runs if device is not None else {}, repeats)
     return result
 
 

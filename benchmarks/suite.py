@@ -1,13 +1,15 @@
 """The side-by-side performance suite: every benchmark, one JSON file and one markdown table.
 
     python -m benchmarks.suite [--out runs/benchmarks] [--shapes auto|cpu|smoke|accelerator]
-                               [--repeats 5] [--only train_step sampling scaling]
+                               [--repeats 5] [--only train_step sampling text_to_image scaling]
                                [--scaling-devices 1 2 4 8] [--scaling-steps 40]
 
 - train_step: the JAX sCM + LADD step against the PyTorch reference (benchmarks/train_step.py):
   examples/s, peak memory, FLOPs, MFU where the device's peak is known;
 - sampling: 1-, 2-, 4-step latency of the JAX student against SanaSprintPipeline's transformer
   (benchmarks/sampling.py);
+- text_to_image: prompt to image end to end (Gemma-2, 1/2/4-step sampling, DC-AE decoding), `s2flash
+  sample`'s JAX path against the whole SanaSprintPipeline (benchmarks/text_to_image.py);
 - scaling: the tiny training loop on 1, 2, 4, 8 fake CPU devices (benchmarks/step.py): a check
   that sharding works and costs little, not a speed-up claim.
 
@@ -37,7 +39,7 @@ from benchmarks.report import markdown
 from benchmarks.shapes import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHMARKS = ("train_step", "sampling", "scaling")
+BENCHMARKS = ("train_step", "sampling", "text_to_image", "scaling")
 
 
 def benchmark_command(name: str, args: argparse.Namespace, json_out: Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""What a conversion reads from: a diffusers transformer folder or an original NVlabs SANA checkpoint.
+"""What a conversion reads from: a diffusers model folder or an original NVlabs SANA checkpoint.
 
 Both are opened as a `TensorSource` (keys, shape/dtype of each, and reading one tensor at a time);
 `detect_format` says which of the two (or an s2flash model checkpoint) a path holds, so a wrong
@@ -39,7 +39,8 @@ class TensorSource(Protocol):
 
 @dataclasses.dataclass
 class DiffusersFolder:
-    """A diffusers `SanaTransformer2DModel` folder: its config.json dict and its weights."""
+    """A diffusers model folder (a `SanaTransformer2DModel`, an `AutoencoderDC`): its config.json dict
+    and its weights."""
 
     path: Path
     config: dict[str, Any]
@@ -111,18 +112,24 @@ def read_json_object(path: Path, label: str, expected: str) -> dict[str, Any]:
     return value
 
 
-def open_diffusers(path: str | Path) -> DiffusersFolder:
-    """A diffusers transformer folder, or the transformer/ of a diffusers pipeline folder."""
+def open_diffusers(path: str | Path, class_name: str = DIFFUSERS_CLASS,
+                   subfolder: str = "transformer") -> DiffusersFolder:
+    """A diffusers `class_name` model folder, or the `subfolder`/ of a diffusers pipeline folder
+    (config and safetensors headers only; tensors are read when asked for)."""
     path = Path(path)
+    expected = f"expected a diffusers {class_name} folder or a pipeline folder with {subfolder}/"
+    if not path.exists():
+        raise ConversionError(f"{str(path)!r} does not exist; {expected}")
     if not (path / "config.json").is_file() and (path / "model_index.json").is_file():
-        path = path / "transformer"  # a whole pipeline: its transformer
+        path = path / subfolder  # a whole pipeline: its part
     config_path = path / "config.json"
     if not config_path.is_file():
-        raise ConversionError(f"{path} has no config.json; expected a diffusers {DIFFUSERS_CLASS} folder")
+        raise ConversionError(f"{path} has no config.json; {expected}")
     config = read_json_object(config_path, f"{config_path}", "a JSON object")
-    class_name = config.get("_class_name", DIFFUSERS_CLASS)
-    if class_name != DIFFUSERS_CLASS:
-        raise ConversionError(f"{config_path} is the config of a {class_name}, not of a {DIFFUSERS_CLASS} (SANA transformer)")
+    found = config.get("_class_name", class_name)
+    if found != class_name:
+        article = "an" if class_name[0] in "AEIOU" else "a"
+        raise ConversionError(f"{config_path} is the config of a {found}, not of {article} {class_name}")
     files = weight_files(path)
     return DiffusersFolder(path, config, SafetensorsFiles([SafetensorsFile(f) for f in files]), files)
 

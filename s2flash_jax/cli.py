@@ -31,10 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser(
         "sample", help="sample images from a model checkpoint, or latents from a config's random model",
-        description="With --ckpt: generate images for --prompt/--prompts-file from a model checkpoint that carries "
-                    "its text encoder and autoencoder (as `s2flash demo` exports) and write PNGs (the prompt and "
-                    "settings in their metadata). With --config: sample latents from the config's randomly "
-                    "initialised transformer and write latents.npy, preview.png and config.json.")
+        description="With --ckpt: generate images for --prompt/--prompts-file from a model checkpoint and write "
+                    "PNGs (the prompt and settings in their metadata). The text encoder and autoencoder are the "
+                    "checkpoint's own (as `s2flash demo` exports them) or, for SANA / SANA-Sprint, Gemma-2 from "
+                    "--text-encoder and the DC-AE from --vae (diffusers / transformers folders, read without torch). "
+                    "With --config: sample latents from the config's randomly initialised transformer and write "
+                    "latents.npy, preview.png and config.json.")
     sample.add_argument("--config", help="config file, optionally with a variant: configs/tiny.py[:ARG]")
     sample.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted config overrides (with --config), e.g. sample.steps=2")
@@ -44,7 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--steps", type=int, default=1, help="sampling steps (with --ckpt; default 1)")
     sample.add_argument("--seed", type=int, default=0, help="noise seed (with --ckpt)")
     sample.add_argument("--guidance-scale", type=float, default=None,
-                        help="override the checkpoint's guidance scale (with --ckpt)")
+                        help="override the checkpoint's guidance scale (with --ckpt; default: the checkpoint's, else "
+                             "4.5 as SanaSprintPipeline)")
+    sample.add_argument("--text-encoder", default=None, metavar="PATH",
+                        help="(with --ckpt) SANA's Gemma-2: a transformers folder (config.json, model*.safetensors, "
+                             "tokenizer.json) or a diffusers pipeline folder (text_encoder/ + tokenizer/)")
+    sample.add_argument("--vae", default=None, metavar="PATH",
+                        help="(with --ckpt) SANA's DC-AE: a diffusers AutoencoderDC folder or a pipeline folder (vae/)")
+    sample.add_argument("--batch-size", type=int, default=None, metavar="N",
+                        help="(with --ckpt) prompts per compiled batch, the last one padded; rounded up to a multiple "
+                             "of the device count (default: 256 with the checkpoint's own text encoder, else one per "
+                             "device)")
     sample.add_argument("--out", required=True,
                         help="with --ckpt: a .png file for one prompt, else a directory; with --config: a directory")
     sample.add_argument("--force", action="store_true", help="replace an existing output")
@@ -90,9 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     precompute = commands.add_parser(
         "precompute", help="encode an image folder with captions into training shards (DC-AE + text encoder)",
-        description="Encode images with diffusers' AutoencoderDC and captions with a transformers text encoder "
+        description="Encode images with SANA's DC-AE (diffusers' AutoencoderDC) and captions with a text encoder "
                     "(Gemma-2 as in SANA) into ArrayRecord shards that `s2flash train` reads (data.path). "
-                    "Needs the [torch] extra; resumable with --resume.")
+                    "--backend torch (default) runs diffusers/transformers and needs the [torch] extra; --backend jax "
+                    "runs the JAX ports on the same folders without torch. Resumable with --resume.")
     add_precompute_arguments(precompute)
     _add_convert_parser(commands)
     return parser
@@ -159,10 +172,38 @@ def _prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise ConfigError(f"--prompts-file {str(path)!r} does not exist")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        from_file = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not from_file:
+            raise ConfigError(f"--prompts-file {str(path)!r} holds no prompts (expected one per line)")
+        prompts += from_file
     if not prompts:
         raise ConfigError("sample --ckpt needs at least one --prompt or a --prompts-file")
     return prompts
+
+
+def _sana_components(args: argparse.Namespace) -> tuple[dict, dict]:
+    """(components, sources): --text-encoder and --vae loaded by conversion/'s readers (imported here only;
+    they read safetensors and tokenizer.json themselves, so no torch), and the paths they came from."""
+    for flag, path in (("--text-encoder", args.text_encoder), ("--vae", args.vae)):
+        if path is not None and not Path(path).exists():
+            raise ConfigError(f"{flag} {path!r} does not exist")
+    from s2flash_jax.model_checkpoint import read_metadata
+    from s2flash_jax.precision import FP32
+
+    read_metadata(args.ckpt)  # a bad checkpoint fails before gigabytes of encoders load
+    components, sources = {}, {}
+    if args.text_encoder is not None:
+        from conversion.gemma2 import load_caption_encoder
+
+        # Prompts lowercased and stripped as diffusers' SanaSprintPipeline encodes them when sampling.
+        components["text_encoder"] = load_caption_encoder(args.text_encoder, precision=FP32, lowercase=True)
+        sources["text_encoder"] = str(args.text_encoder)
+    if args.vae is not None:
+        from conversion.dc_ae import load_dc_ae
+
+        components["autoencoder"] = load_dc_ae(args.vae, precision=FP32)
+        sources["vae"] = str(args.vae)
+    return components, sources
 
 
 def mesh_overrides(spec: str) -> list[str]:
@@ -180,9 +221,10 @@ def _input_errors() -> tuple[type[Exception], ...]:
     from s2flash_jax.model_checkpoint import CheckpointError
     from s2flash_jax.pipeline import PromptError
     from s2flash_jax.parallel.mesh import MeshError
+    from s2flash_jax.train.checkpoint import ProcessCountMismatch
     from s2flash_jax.train.loop import RunError
 
-    return DataError, MeshError, RunError, CheckpointError, PromptError
+    return DataError, MeshError, RunError, CheckpointError, PromptError, ProcessCountMismatch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,9 +244,14 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.config or args.overrides:
                 raise ConfigError("sample: give either --ckpt (a trained model) or --config (a random model), not both")
-            run_sample_checkpoint(args.ckpt, _prompts(args), out=args.out, steps=args.steps, seed=args.seed,
-                                  guidance_scale=args.guidance_scale, force=args.force)
+            prompts = _prompts(args)
+            components, sources = _sana_components(args)
+            run_sample_checkpoint(args.ckpt, prompts, out=args.out, steps=args.steps, seed=args.seed,
+                                  guidance_scale=args.guidance_scale, force=args.force, batch_size=args.batch_size,
+                                  sources=sources, **components)
             return 0
+        if args.command == "sample" and (args.text_encoder or args.vae or args.batch_size):
+            raise ConfigError("sample: --text-encoder, --vae and --batch-size go with --ckpt")
         if args.config is None:
             raise ConfigError(f"{args.command}: --config (or, for sample, --ckpt) is required")
         if args.command == "plan":

@@ -4,11 +4,14 @@ Master weights and compute dtype are configurable; the parts that lose
 accuracy in low precision are fixed to float32 by the code that computes them
 and listed here so there is one place to read them:
 
-- layer/RMS norms (statistics and normalisation),
+- layer/RMS norms (statistics and normalisation; Gemma-2's (1 + weight) scale too),
 - the softmax of cross-attention,
-- the key-value reduction and normaliser of linear attention,
+- Gemma-2's self-attention logits, their soft cap and softmax,
+- the key-value reduction and normaliser of linear attention (the SANA transformer's and the
+  DC-AE's multi-scale attention),
 - sinusoidal time / guidance features (their argument and their values),
-- the model output (velocities leave the network in float32).
+- the model output (velocities leave the network in float32; DC-AE latents and images, and the
+  caption embeddings of `CaptionEncoder`, are returned in float32 too).
 """
 
 from __future__ import annotations

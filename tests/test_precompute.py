@@ -131,6 +131,26 @@ def test_records_are_the_scaled_vae_latents_and_text_encoder_states(images, mode
     assert batch["latents"].shape == (5, 8, 8, 4) and batch["caption"].shape == (5, CAPTION_LENGTH, HIDDEN)
 
 
+def test_jax_backend_writes_the_records_of_the_torch_backend(images, models, tmp_path):
+    """The JAX DC-AE and Gemma-2 (read from the same folders, without torch) give the torch backend's
+    records: same shards, manifest and dataset_info, floats within 1e-4 relative (float32 storage)."""
+    settings = dict(storage_dtype="float32", chi_prompt="describe : user prompt :")  # batches of 2: one padded
+    want_info = run(images, tmp_path / "torch", models, **settings)
+    got_info = run(images, tmp_path / "jax", models, backend="jax", **settings)
+    assert got_info == want_info and got_info["text_encoder_class"] == "Gemma2Model"
+    manifests = [json.loads((tmp_path / side / "precompute.json").read_text()) for side in ("torch", "jax")]
+    assert manifests[0].pop("backend") == "torch" and manifests[1].pop("backend") == "jax"
+    assert manifests[0] == manifests[1]
+    for want, got in zip(read_shards(tmp_path / "torch"), read_shards(tmp_path / "jax"), strict=True):
+        assert got["caption"] == want["caption"]
+        np.testing.assert_array_equal(got["caption_mask"], want["caption_mask"])
+        for key in ("latent", "caption_embedding"):
+            assert got[key].dtype == want[key].dtype == np.float32 and got[key].shape == want[key].shape
+            assert np.abs(got[key] - want[key]).max() <= 1e-4 * np.abs(want[key]).max(), key
+    with pytest.raises(DataError, match="--device 'cuda' is for the torch backend"):
+        run(images, tmp_path / "other", models, backend="jax", device="cuda")
+
+
 def test_load_image_center_crops_the_longer_side():
     pixels = np.zeros((16, 48, 3), np.uint8)  # wide: left third black, middle white, right third black
     pixels[:, 16:32] = 255
@@ -251,8 +271,9 @@ def test_command_line_arguments_and_errors(images, models, tmp_path, capsys):
     assert "5 records in 1 shards" in capsys.readouterr().out
     assert run_precompute(args) == 2
     assert "already exists and is not empty" in capsys.readouterr().err
-    assert parser.parse_args(["--images", "i", "--vae", "v", "--text-encoder", "t", "--resolution", "8",
-                              "--out", "o"]).chi_prompt is True
+    defaults = parser.parse_args(["--images", "i", "--vae", "v", "--text-encoder", "t", "--resolution", "8",
+                                  "--out", "o"])
+    assert defaults.chi_prompt is True and defaults.backend == "torch"
 
 
 def test_core_package_does_not_import_torch():

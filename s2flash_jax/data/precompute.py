@@ -14,9 +14,15 @@ tokenizer's mask. With a `chi_prompt` (SANA's "complex human instruction") the p
 SanaPipeline.encode_prompt do. Records store the caption up to its last real token (the rest is
 padding, which readers restore as zeros).
 
+Two backends compute the same records: "torch" (diffusers' AutoencoderDC and transformers'
+Gemma-2; torch, diffusers and transformers are imported only when it runs) and "jax" (the JAX
+DC-AE and Gemma-2 `CaptionEncoder`, read from the same folders by conversion/ without torch). Both
+tokenize with `data.captions.tokenize_captions`; neither lowercases captions (diffusers' pipelines
+do, at sampling time only). On the same float32 weights their records agree to ~1e-6 relative.
+
 Shards are written as they complete (each atomically), batches never straddle two shards, and a
-`precompute.json` manifest records the settings, so `resume=True` continues an interrupted run
-with byte-identical shards. torch, diffusers and transformers are imported only when this runs.
+`precompute.json` manifest records the settings (the backend among them), so `resume=True`
+continues an interrupted run with byte-identical shards.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from s2flash_jax.data.captions import SANA_CHI_PROMPT, tokenize_captions
 from s2flash_jax.data.records import (
     FLOAT_DTYPES,
     DataError,
@@ -51,26 +58,7 @@ from s2flash_jax.outputs import OutputExists
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 MANIFEST = "precompute.json"
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-
-# SANA's complex human instruction (NVlabs/Sana configs `text_encoder.chi_prompt`; diffusers
-# SanaPipeline/SanaSprintPipeline `complex_human_instruction`), lines joined with "\n".
-SANA_CHI_PROMPT = "\n".join([
-    "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable for "
-    "image generation. Evaluate the level of detail in the user prompt:",
-    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial "
-    "relationships to create vivid and concrete scenes.",
-    "- If the prompt is already detailed, refine and enhance the existing details slightly without "
-    "overcomplicating.",
-    "Here are examples of how to transform or refine prompts:",
-    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, sleeping "
-    "peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.",
-    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing street "
-    "lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering glass "
-    "skyscrapers.",
-    "Please generate only the enhanced description for the prompt below and avoid including any additional "
-    "commentary or evaluations:",
-    "User Prompt: ",
-])
+BACKENDS = ("torch", "jax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +136,79 @@ def load_image(path: Path, resolution: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Encoders (torch)
+# Encoders
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoders:
+    """The loaded VAE and text encoder of one backend, as the run uses them.
+
+    encode_images: [B, 3, R, R] in [-1, 1] -> scaled latents float32 [B, R/f, R/f, C];
+    embed_captions: captions -> (embeddings float32 [B, L, D], mask int64 [B, L]).
+    """
+
+    factor: int
+    scaling_factor: float
+    text_encoder_class: str
+    encode_images: Callable[[np.ndarray], np.ndarray]
+    embed_captions: Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]
+
+
+def torch_encoders(vae_path: str, text_encoder_path: str, *, device: str, dtype: str, caption_length: int,
+                   chi_prompt: str | None) -> Encoders:
+    vae = load_vae(vae_path, device, dtype)
+    tokenizer, text_encoder = load_text_encoder(text_encoder_path, device, dtype)
+    return Encoders(vae.spatial_compression_ratio, float(vae.config.scaling_factor), type(text_encoder).__name__,
+                    lambda images: encode_images(vae, images, device),
+                    lambda captions: embed_captions(tokenizer, text_encoder, captions, caption_length, chi_prompt,
+                                                    device))
+
+
+def jax_encoders(vae_path: str, text_encoder_path: str, *, dtype: str, caption_length: int, chi_prompt: str | None,
+                 batch_size: int) -> Encoders:
+    """The JAX DC-AE and Gemma-2 on JAX's default device, each compiled once for batch_size inputs
+    (a smaller last batch is padded)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from s2flash_jax.model_checkpoint import CheckpointError
+    from s2flash_jax.precision import Precision
+
+    # conversion/ is imported here only (as the CLI does for `convert`): it reads the diffusers and
+    # transformers folders without torch.
+    from conversion.dc_ae import load_dc_ae
+    from conversion.gemma2 import load_caption_encoder
+
+    precision = Precision(param_dtype=dtype, compute_dtype=dtype)
+    try:
+        vae = load_dc_ae(vae_path, precision=precision)
+        text_encoder = load_caption_encoder(text_encoder_path, caption_length=caption_length, chi_prompt=chi_prompt,
+                                            precision=precision)
+    except CheckpointError as e:
+        raise DataError(str(e)) from e
+    scaling_factor = float(vae.config.scaling_factor)
+    graphdef, vae_params = nnx.split(vae)
+    # The bare encoder takes diffusers' [-1, 1] pixels, exactly what load_image gives.
+    encode = jax.jit(lambda params, pixels: nnx.merge(graphdef, params).encoder(
+        pixels.astype(precision.compute)).astype(jnp.float32) * scaling_factor)
+    embed = jax.jit(text_encoder.embed)
+
+    def pad(x: np.ndarray) -> np.ndarray:
+        return np.concatenate([x, np.repeat(x[-1:], batch_size - len(x), axis=0)]) if len(x) < batch_size else x
+
+    def latents_of(images: np.ndarray) -> np.ndarray:
+        return np.asarray(encode(vae_params, pad(images.transpose(0, 2, 3, 1))))[:len(images)]
+
+    def embeddings_of(captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        ids, mask = text_encoder.tokenize(captions)
+        hidden, kept = embed(text_encoder.params, pad(ids), pad(mask))
+        return np.asarray(hidden)[:len(captions)], np.asarray(kept)[:len(captions)].astype(np.int64)
+
+    return Encoders(vae.config.factor, scaling_factor, type(text_encoder.model).__name__, latents_of, embeddings_of)
+
+
+# The torch backend's models
 
 
 def _subfolder(path: str, name: str) -> str:
@@ -190,22 +250,16 @@ def encode_images(vae, images: np.ndarray, device: str) -> np.ndarray:
 
 def embed_captions(tokenizer, text_encoder, captions: Sequence[str], caption_length: int,
                    chi_prompt: str | None, device: str) -> tuple[np.ndarray, np.ndarray]:
-    """captions -> (embeddings float32 [B, L, D], mask int64 [B, L]), L = caption_length (SANA's recipe)."""
+    """captions -> (embeddings float32 [B, L, D], mask int64 [B, L]), L = caption_length (SANA's recipe,
+    see `data.captions.tokenize_captions`)."""
     import torch
 
-    if chi_prompt:
-        prompts = [chi_prompt + caption for caption in captions]
-        # "- 2": the chi prompt's own bos, and room for the kept token 0 (NVlabs' "magic number 2").
-        max_length = len(tokenizer.encode(chi_prompt)) + caption_length - 2
-    else:
-        prompts, max_length = list(captions), caption_length
-    tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                       add_special_tokens=True, return_tensors="pt")
+    tokens = tokenize_captions(tokenizer, captions, caption_length, chi_prompt)
     with torch.inference_mode():
-        hidden = text_encoder(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))
+        hidden = text_encoder(torch.from_numpy(tokens.input_ids).to(device),
+                              attention_mask=torch.from_numpy(tokens.attention_mask).to(device))
         hidden = hidden.last_hidden_state.float().cpu()
-    keep = [0, *range(max_length - caption_length + 1, max_length)]  # token 0 + the last L - 1
-    return hidden[:, keep].numpy(), tokens.attention_mask[:, keep].numpy()
+    return hidden[:, list(tokens.keep)].numpy(), tokens.kept_mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,14 +270,19 @@ def precompute(images_dir: str | Path, out_dir: str | Path, *, vae_path: str, te
                resolution: int, caption_length: int = 300, batch_size: int = 8, records_per_shard: int = 1024,
                force: bool = False, resume: bool = False, device: str = "cpu", dtype: str = "float32",
                storage_dtype: str = "float16", chi_prompt: str | None = SANA_CHI_PROMPT, prefix: str = "train",
-               progress: bool = True) -> dict[str, Any]:
+               progress: bool = True, backend: str = "torch") -> dict[str, Any]:
     """Encode every image and caption of `images_dir` into shards in `out_dir`; returns dataset_info.
 
-    dtype: the encoders' compute dtype; storage_dtype: the records' float dtype.
+    dtype: the encoders' compute dtype (and, for the jax backend, weight dtype); storage_dtype: the
+    records' float dtype; backend: "torch" (on `device`) or "jax" (on JAX's default device).
     An existing non-empty out_dir is refused unless resume (continue an interrupted run with the
     same settings) or force (delete it and start over).
     """
     _check_arguments(resolution, caption_length, batch_size, records_per_shard, dtype, storage_dtype, resume, force)
+    if backend not in BACKENDS:
+        raise DataError(f"--backend {backend!r} must be one of {', '.join(BACKENDS)}")
+    if backend == "jax" and device != "cpu":
+        raise DataError(f"--device {device!r} is for the torch backend; the jax backend runs on JAX's default device")
     examples = list_examples(images_dir)
     out_dir = Path(out_dir)
     if Path(images_dir).resolve().is_relative_to(out_dir.resolve()):
@@ -240,6 +299,7 @@ def precompute(images_dir: str | Path, out_dir: str | Path, *, vae_path: str, te
         "prefix": prefix,
         "dtype": dtype,
         "storage_dtype": storage_dtype,
+        "backend": backend,
     }
     num_shards = math.ceil(len(examples) / records_per_shard)
     first_shard = _first_shard_to_write(out_dir, manifest, num_shards, resume=resume, force=force)
@@ -248,11 +308,12 @@ def precompute(images_dir: str | Path, out_dir: str | Path, *, vae_path: str, te
         return info  # a finished run: nothing to resume
 
     # Load (and check) the models before touching out_dir: a bad --vae must not cost a --force'd folder.
-    vae = load_vae(vae_path, device, dtype)
-    factor = vae.spatial_compression_ratio
-    if resolution % factor:
-        raise DataError(f"--resolution {resolution} is not a multiple of the VAE's downsampling factor {factor}")
-    tokenizer, text_encoder = load_text_encoder(text_encoder_path, device, dtype)
+    settings = dict(dtype=dtype, caption_length=caption_length, chi_prompt=chi_prompt or None)
+    encoders = (torch_encoders(vae_path, text_encoder_path, device=device, **settings) if backend == "torch" else
+                jax_encoders(vae_path, text_encoder_path, batch_size=batch_size, **settings))
+    if resolution % encoders.factor:
+        raise DataError(f"--resolution {resolution} is not a multiple of the VAE's downsampling factor "
+                        f"{encoders.factor}")
     if first_shard == 0:
         if out_dir.exists():
             shutil.rmtree(out_dir)  # empty, or --force
@@ -263,17 +324,16 @@ def precompute(images_dir: str | Path, out_dir: str | Path, *, vae_path: str, te
 
     start = first_shard * records_per_shard
     with tqdm(total=len(examples), initial=start, unit="img", desc="precompute", disable=not progress) as bar:
-        encode_batch = _BatchEncoder(vae, tokenizer, text_encoder, device, resolution, caption_length,
-                                     chi_prompt or None, storage_dtype)
+        encode_batch = _BatchEncoder(encoders, resolution, storage_dtype)
         records = _records(examples, first_shard, num_shards, records_per_shard, batch_size, encode_batch, bar)
         write_shards(records, out_dir, records_per_shard=records_per_shard, prefix=prefix,
                      num_records=len(examples), first_shard=first_shard,
                      info={
                          "caption_length": caption_length,  # records hold fewer when captions are short
                          "vae": _identify(vae_path),
-                         "scaling_factor": float(vae.config.scaling_factor),
+                         "scaling_factor": encoders.scaling_factor,
                          "text_encoder": _identify(text_encoder_path),
-                         "text_encoder_class": type(text_encoder).__name__,
+                         "text_encoder_class": encoders.text_encoder_class,
                          "resolution": resolution,
                          "chi_prompt": chi_prompt or None,
                      })
@@ -325,7 +385,7 @@ def _check_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
     if not path.is_file():
         raise OutputExists(f"output {str(out_dir)!r} has no {MANIFEST}, so it is not a precompute run to resume; "
                            "pass --force to replace it")
-    previous = json.loads(path.read_text())
+    previous = {"backend": "torch", **json.loads(path.read_text())}  # manifests from before the jax backend
     changed = [key for key in manifest if previous.get(key) != manifest[key]]
     if changed:
         details = "; ".join(f"{key}: was {previous.get(key)!r}, now {manifest[key]!r}" for key in changed
@@ -369,20 +429,14 @@ def _records(examples: Sequence[Example], first_shard: int, num_shards: int, rec
 class _BatchEncoder:
     """Examples -> encoded records, with the loaded models."""
 
-    vae: Any
-    tokenizer: Any
-    text_encoder: Any
-    device: str
+    encoders: Encoders
     resolution: int
-    caption_length: int
-    chi_prompt: str | None
     storage_dtype: str
 
     def __call__(self, batch: Sequence[Example]) -> list[bytes]:
         images = np.stack([load_image(e.image, self.resolution) for e in batch])
-        latents = encode_images(self.vae, images, self.device)
-        embeddings, masks = embed_captions(self.tokenizer, self.text_encoder, [e.caption for e in batch],
-                                           self.caption_length, self.chi_prompt, self.device)
+        latents = self.encoders.encode_images(images)
+        embeddings, masks = self.encoders.embed_captions([e.caption for e in batch])
         records = []
         for example, latent, embedding, mask in zip(batch, latents, embeddings, masks):
             tokens = int(np.flatnonzero(mask)[-1]) + 1 if mask.any() else 1  # drop trailing padding
@@ -411,6 +465,9 @@ def add_precompute_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--records-per-shard", type=int, default=1024, help="records per ArrayRecord file")
     parser.add_argument("--chi-prompt", action=argparse.BooleanOptionalAction, default=True,
                         help="prepend SANA's complex human instruction to captions (default on, as SANA trains)")
+    parser.add_argument("--backend", default="torch", choices=BACKENDS,
+                        help="torch: diffusers' AutoencoderDC + transformers' Gemma-2 (the [torch] extra); jax: the "
+                             "JAX DC-AE + Gemma-2 on JAX's default device, read from the same folders without torch")
     parser.add_argument("--device", default="cpu", help="torch device for the encoders, e.g. cuda (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help="encoders' compute dtype")
     parser.add_argument("--storage-dtype", default="float16", choices=FLOAT_DTYPES,
@@ -426,7 +483,7 @@ def run_precompute(args: argparse.Namespace) -> int:
                           resolution=args.resolution, caption_length=args.caption_length, batch_size=args.batch_size,
                           records_per_shard=args.records_per_shard, force=args.force, resume=args.resume,
                           device=args.device, dtype=args.dtype, storage_dtype=args.storage_dtype,
-                          chi_prompt=SANA_CHI_PROMPT if args.chi_prompt else None)
+                          chi_prompt=SANA_CHI_PROMPT if args.chi_prompt else None, backend=args.backend)
     except (DataError, OutputExists) as e:
         print(f"s2flash precompute: error: {e}", file=sys.stderr)
         return 2

@@ -1,8 +1,10 @@
 """Small building blocks shared by the models, each parameter named by logical axes.
 
 Logical axis names (mapped to mesh axes by `s2flash_jax.parallel.axes`):
-  embed      the transformer width D
-  heads      attention inner width (heads x head_dim)
+  embed      the model width D (the transformer's, Gemma-2's hidden size, a DC-AE stage's channels)
+  heads      attention inner width (heads x head_dim; Gemma-2's query heads)
+  kv_heads   Gemma-2's grouped key/value projections (kv heads x head_dim)
+  vocab      the rows of a token embedding table (Gemma-2)
   mlp        hidden width of MLPs and of the Mix-FFN
   caption    width of the text-encoder features fed to the caption projection
   time_freq  width of the sinusoidal time features
@@ -11,16 +13,21 @@ Logical axis names (mapped to mesh axes by `s2flash_jax.parallel.axes`):
   table      the rows of a modulation table (6 or 2)
   conv_window            spatial and per-group input axes of a depthwise kernel
   scalar     a width-1 output (the logvar head)
-  layers     the stacked-layer axis added by the layer scan
+  layers     the stacked-layer axis added by the layer scan (`stacked`)
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from s2flash_jax.precision import Precision
+
+M = TypeVar("M", bound=nnx.Module)
 
 
 def dense(
@@ -121,3 +128,15 @@ class DepthwiseConv(nnx.Module):
         padded = jnp.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
         out = sum(padded[:, i:i + height, j:j + width, :] * kernel[i, j, 0] for i in range(k) for j in range(k))
         return out + self.bias[...].astype(self.compute_dtype)
+
+
+def stacked(make: Callable[[nnx.Rngs], M], count: int, rngs: nnx.Rngs) -> M:
+    """`count` modules `make(rngs)`, each with its own random init, as one module whose parameters
+    are stacked on a leading axis named `layers`: what a `jax.lax.scan` over layers runs."""
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def build(rngs):
+        return make(rngs)
+
+    return build(rngs)

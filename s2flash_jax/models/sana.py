@@ -19,7 +19,7 @@ from flax import nnx
 
 from s2flash_jax.models.attention import CrossAttention, LinearSelfAttention
 from s2flash_jax.models.embeddings import CaptionProjection, TimestepMLP, sincos_pos_embed_2d, timestep_sinusoid
-from s2flash_jax.models.layers import DepthwiseConv, LayerNorm, RMSNorm, dense, layer_norm, modulate
+from s2flash_jax.models.layers import DepthwiseConv, LayerNorm, RMSNorm, dense, layer_norm, modulate, stacked
 from s2flash_jax.precision import Precision
 
 QK_NORM_KINDS = (None, "rms_norm_across_heads")
@@ -241,7 +241,8 @@ class SanaTransformer(nnx.Module):
             self.time_embed = TimeEmbedding(dim, config.guidance_embeds, precision=precision, rngs=rngs)
             self.caption_projection = CaptionProjection(config.caption_channels, dim, precision=precision, rngs=rngs)
             self.caption_norm = RMSNorm(dim, "embed", eps=1e-5, precision=precision)
-            self.transformer_blocks = _stacked_blocks(config, precision, rngs)
+            self.transformer_blocks = stacked(lambda r: SanaBlock(config, precision=precision, rngs=r),
+                                              config.num_layers, rngs)
             self.scale_shift_table = nnx.Param(
                 jax.random.normal(rngs.params(), (2, dim), precision.param) / dim**0.5,
                 out_sharding=("table", "embed"))
@@ -309,9 +310,9 @@ class SanaTransformer(nnx.Module):
 
     def _run_blocks(self, h, start, stop, modulation, caption, caption_mask, grid):
         """Blocks start..stop-1 as one scan over their slice of the stacked parameters."""
-        graphdef, stacked = nnx.split(self.transformer_blocks)
+        graphdef, blocks = nnx.split(self.transformer_blocks)
         if (start, stop) != (0, self.config.num_layers):
-            stacked = jax.tree.map(lambda a: a[start:stop], stacked)
+            blocks = jax.tree.map(lambda a: a[start:stop], blocks)
 
         def run_block(h, block_state):
             return nnx.merge(graphdef, block_state)(h, modulation, caption, caption_mask, grid), None
@@ -320,16 +321,6 @@ class SanaTransformer(nnx.Module):
             # Keep only each block's input for the backward pass; inside a scan CSE cannot undo it.
             run_block = jax.checkpoint(run_block, prevent_cse=False)
 
-        h, _ = jax.lax.scan(run_block, h, stacked, unroll=self.config.scan_unroll)
+        h, _ = jax.lax.scan(run_block, h, blocks, unroll=self.config.scan_unroll)
         return h
 
-
-def _stacked_blocks(config: SanaConfig, precision: Precision, rngs: nnx.Rngs) -> SanaBlock:
-    """num_layers SanaBlocks whose parameters are stacked on a leading axis named `layers`."""
-
-    @nnx.split_rngs(splits=config.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make(rngs):
-        return SanaBlock(config, precision=precision, rngs=rngs)
-
-    return make(rngs)

@@ -235,6 +235,8 @@ class FrozenTextEncoder:
     """prompts -> (embeddings float32 [B, L, width], mask int32 [B, L]): tokenizer + frozen, jitted encoder.
 
     encoder: weights to use instead of the seeded init of `config` (`load` passes the saved ones).
+    As a text encoder of `pipeline.TextToImage`: `tokenize` (host) then `embed(params, ...)` (pure,
+    jittable) with `params`, the encoder's state.
     """
 
     def __init__(self, tokenizer: WordTokenizer, config: TextEncoderConfig, *, encoder: TextEncoder | None = None):
@@ -245,12 +247,25 @@ class FrozenTextEncoder:
         self.tokenizer = tokenizer
         self.config = config
         self.encoder = encoder if encoder is not None else TextEncoder(config, rngs=nnx.Rngs(config.seed))
-        graphdef, self._weights = nnx.split(self.encoder)
-        self._encode = jax.jit(lambda weights, ids, mask: nnx.merge(graphdef, weights)(ids, mask))
+        self._graphdef, self.params = nnx.split(self.encoder)
+        self._embed = jax.jit(self.embed)
+
+    @property
+    def width(self) -> int:
+        """The width of the embeddings."""
+        return self.config.width
+
+    def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """prompts -> (ids, mask) int32 [B, max_length]; ValueError naming a prompt it cannot read."""
+        return self.tokenizer(prompts)
+
+    def embed(self, params: nnx.State, ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Pure: (ids, mask) [B, L] -> (embeddings float32 [B, L, width], mask)."""
+        return nnx.merge(self._graphdef, params)(ids, mask), mask
 
     def __call__(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        ids, mask = self.tokenizer(prompts)
-        return np.asarray(self._encode(self._weights, ids, mask)), mask
+        ids, mask = self.tokenize(prompts)
+        return np.asarray(self._embed(self.params, ids, mask)[0]), mask
 
     def save(self, directory: str | Path, *, force: bool = False) -> None:
         """Write tokenizer, config and weights into `directory` (replaced only with force=True, and

@@ -18,6 +18,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("layers", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),  # Gemma-2's grouped key/value projections
+    ("vocab", "tensor"),  # Gemma-2's token embedding rows
     ("mlp", "tensor"),
     ("adaln", "tensor"),
     ("caption", None),
