@@ -36,7 +36,8 @@ class SampleConfig:
     """Few-step sampling settings. height/width are in latent pixels.
 
     guidance_scale feeds a student's guidance embedding (times model.guidance_embeds_scale);
-    flow_shift warps a teacher's Euler schedule toward high noise (SANA: 3.0 at 1024 px).
+    flow_shift warps a teacher's Euler schedule toward high noise (SANA: 3.0 at 1024 px) and moves a
+    student's intermediate multistep times the same way (1: diffusers' uniform times).
     """
 
     steps: int = 4
