@@ -75,6 +75,7 @@ def get_config(arg=None):
     if unknown:
         raise ValueError(f"unknown variant(s) {sorted(unknown)}; expected 'teacher' and/or 'quick'")
     teacher_steps, student_steps = STEPS["quick" if "quick" in tokens else "full"]
+    batch_size = 8 if "quick" in tokens else 32  # --quick only checks that every stage runs
     common = dict(
         precision=Precision(param_dtype="float32", compute_dtype="float32"),
         sample=SampleConfig(steps=1, batch_size=4, height=TEACHER.sample_size, width=TEACHER.sample_size,
@@ -83,15 +84,15 @@ def get_config(arg=None):
     )
     if "teacher" in tokens:
         return Config(model=TEACHER, recipe="flow_matching", flow_matching=FlowMatchingConfig(time_mean=2.0, caption_dropout=0.1),
-                      train=TrainConfig(steps=teacher_steps, batch_size=32, optimizer="adamw", learning_rate=3e-3,
-                                        schedule="cosine", warmup_steps=min(100, teacher_steps // 10),
+                      train=TrainConfig(steps=teacher_steps, batch_size=batch_size, optimizer="adamw",
+                                        learning_rate=3e-3, schedule="cosine", warmup_steps=min(100, teacher_steps // 10),
                                         end_learning_rate=1e-5, clip_norm=1.0, ema_decay=0.99, log_every=50,
                                         checkpoint_every=500, keep_checkpoints=1),
                       **common)
     common["sample"] = dataclasses.replace(common["sample"], flow_shift=STUDENT_FLOW_SHIFT)
     return Config(
         model=STUDENT, teacher=TEACHER,
-        train=TrainConfig(steps=student_steps, batch_size=32, optimizer="adamw", learning_rate=2e-4,
+        train=TrainConfig(steps=student_steps, batch_size=batch_size, optimizer="adamw", learning_rate=2e-4,
                           warmup_steps=min(50, student_steps // 10), clip_norm=1.0, ema_decay=0.99, log_every=50,
                           checkpoint_every=500, keep_checkpoints=1),
         sana_sprint=SanaSprintConfig(
