@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from s2flash_jax.flows.flow_matching import standard_normal
 from s2flash_jax.model_checkpoint import CheckpointError, load_params, read_metadata, read_model_config
 from s2flash_jax.models.sana import SanaConfig, SanaTransformer
 from s2flash_jax.models.space_to_depth import SpaceToDepthAutoencoder, SpaceToDepthConfig
@@ -168,10 +169,15 @@ class TextToImage:
         devices = self._mesh.size
         return -(-batch_size // devices) * devices
 
+    def batch_size_for(self, count: int, batch_size: int | None = None) -> int:
+        """The batch `generate` uses for `count` prompts: batch_size (default self.batch_size), at
+        most count (fewer prompts make a smaller batch, not one padded with copies), rounded up."""
+        return self.round_batch_size(min(batch_size or self.batch_size, max(count, 1)))
+
     def noise(self, seed: int, count: int) -> np.ndarray:
         """Initial noise float32 [count, h, w, C] of prompts 0..count-1; prompt i's depends only on (seed, i)."""
         c = self.model
-        return np.asarray(jax.vmap(lambda i: jax.random.normal(
+        return np.asarray(jax.vmap(lambda i: standard_normal(
             jax.random.fold_in(jax.random.key(seed), i), (c.sample_size, c.sample_size, c.in_channels)))(
             jnp.arange(count)))
 
@@ -215,14 +221,13 @@ class TextToImage:
                  timings: dict[str, float] | None = None) -> np.ndarray:
         """Images [N, H, W, 3] in [0, 1] for N prompts; prompt i's initial noise depends only on (seed, i).
 
-        batch_size (default self.batch_size) is rounded up to a multiple of the device count
-        (`round_batch_size`); the last batch is padded with copies of its last prompt. Multistep
-        sampling draws its fresh noise per batch (`batch_key`), so beyond one step an image depends on
-        the batch size too. timings, if given, gains "seconds" (text encoding, sampling and decoding,
+        The batch size is `batch_size_for(N, batch_size)`; the last batch is padded with copies of
+        its last prompt. Multistep sampling draws its fresh noise per batch (`batch_key`), so beyond
+        one step an image depends on the batch size too. timings, if given, gains "seconds" (text encoding, sampling and decoding,
         compilation and host-to-device copies excluded) and "images".
         """
         prompts = list(prompts)
-        batch = self.round_batch_size(batch_size or self.batch_size)
+        batch = self.batch_size_for(len(prompts), batch_size)
         try:
             ids, mask = self.text_encoder.tokenize(prompts)
         except ValueError as e:
@@ -269,10 +274,10 @@ def run_sample_checkpoint(ckpt: str | Path, prompts: Sequence[str], *, out: str 
     pipeline = TextToImage.load(ckpt, text_encoder=text_encoder, autoencoder=autoencoder)
     if guidance_scale is not None:
         pipeline = dataclasses.replace(pipeline, guidance_scale=guidance_scale)
-    batch = pipeline.round_batch_size(batch_size or pipeline.batch_size)
-    if batch_size and batch != batch_size:
-        print(f"batch size {batch_size} rounded up to {batch}, a multiple of the {jax.device_count()} devices",
-              flush=True)
+    if batch_size and pipeline.round_batch_size(batch_size) != batch_size:
+        print(f"batch size {batch_size} rounded up to {pipeline.round_batch_size(batch_size)}, a multiple of the "
+              f"{jax.device_count()} devices", flush=True)
+    batch = pipeline.batch_size_for(len(prompts), batch_size)
     timings: dict[str, float] = {}
     images = pipeline.generate(prompts, steps=steps, seed=seed, batch_size=batch, timings=timings)
     settings = {"checkpoint": str(ckpt), **(sources or {}), "steps": steps, "seed": seed,

@@ -19,7 +19,8 @@ import numpy as np
 from flax import nnx
 
 from s2flash_jax.config import Config
-from s2flash_jax.flows.flow_matching import classifier_free_guidance, euler_sample, time_embedder_input
+from s2flash_jax.flows.flow_matching import (
+    classifier_free_guidance, euler_sample, standard_normal, time_embedder_input)
 from s2flash_jax.flows.trigflow import SIGMA_DATA, scm_sample, scm_timesteps, trigflow_from_flow_matching
 from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.outputs import fresh_output_dir, image_grid
@@ -62,7 +63,7 @@ def sample_latents(model: SanaTransformer, config: Config) -> jax.Array:
     latents [B, H, W, C_out]."""
     mcfg, scfg = model.config, config.sample
     noise_key, sampler_key = jax.random.split(jax.random.key(scfg.seed))
-    noise = jax.random.normal(noise_key, (scfg.batch_size, scfg.height, scfg.width, mcfg.in_channels))
+    noise = standard_normal(noise_key, (scfg.batch_size, scfg.height, scfg.width, mcfg.in_channels))
     caption = jnp.zeros((scfg.batch_size, 1, mcfg.caption_channels))
     caption_mask = jnp.ones((scfg.batch_size, 1), jnp.int32)
     graphdef, state = nnx.split(model)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from s2flash_jax.flows.flow_matching import (
-    classifier_free_guidance, euler_sample, shifted_times, time_embedder_input)
+    classifier_free_guidance, euler_sample, shifted_times, standard_normal, time_embedder_input)
 from s2flash_jax.models.sana import SanaConfig
 from tests.gaussian import DiagonalGaussian
 
@@ -53,3 +53,12 @@ def test_time_embedder_input_follows_the_serving_pipeline():
     assert jnp.allclose(time_embedder_input(SanaConfig(), s), 1000.0 * s)  # base SANA: 1000·s
     assert jnp.allclose(time_embedder_input(SanaConfig(timestep_scale=0.001), s), s)  # Sprint teacher
     assert jnp.allclose(time_embedder_input(SanaConfig(guidance_embeds=True), s), s)  # Sprint student
+
+
+@pytest.mark.parametrize("shape", [(5,), (3, 7), (2, 4, 4, 3), (2, 3, 2, 2, 5)])
+def test_standard_normal_draws_what_jax_random_normal_draws(shape):
+    """The rank-2 draw it takes for speed must not change a single sampled value."""
+    key = jax.random.key(11)
+    np.testing.assert_array_equal(standard_normal(key, shape), jax.random.normal(key, shape))
+    np.testing.assert_array_equal(jax.jit(standard_normal, static_argnums=1)(key, shape),
+                                  jax.random.normal(key, shape))

@@ -6,7 +6,8 @@ velocity v = dx_s/ds = noise - x0.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,19 @@ VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_s [B, ...], s [B]
 def per_example(values: jax.Array, like: jax.Array) -> jax.Array:
     """values: [B] (or a scalar) -> [B, 1, ..., 1] to broadcast against `like` [B, ...]."""
     return values.reshape(values.shape + (1,) * (like.ndim - values.ndim))
+
+
+def standard_normal(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+    """N(0, 1) samples [*shape]: the values `jax.random.normal(key, shape, dtype)` draws.
+
+    Drawn as [shape[0], rest] and reshaped because XLA on CPU compiles the (partitionable) threefry
+    generator for a rank-4 shape about 25x slower than for the same count in rank 2 (6 s against
+    0.25 s for [64, 16, 16, 12], jaxlib 0.10.2): a cost every compiled sampler and train step paid.
+    """
+    shape = tuple(shape)
+    if len(shape) <= 2:
+        return jax.random.normal(key, shape, dtype)
+    return jax.random.normal(key, (shape[0], math.prod(shape[1:])), dtype).reshape(shape)
 
 
 def shifted_times(num_steps: int, shift: float = 1.0) -> jax.Array:

@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from s2flash_jax.flows.flow_matching import per_example
+from s2flash_jax.flows.flow_matching import per_example, standard_normal
 from s2flash_jax.precision import at_least_fp32
 
 MAX_TIME = 1.57080  # π/2 as SANA-Sprint and diffusers' SCMScheduler write it
@@ -78,7 +79,7 @@ def lognormal_times(key: jax.Array, batch: int, p_mean: float, p_std: float,
 def noised(key: jax.Array, x0: jax.Array, t: jax.Array, sigma_data: float = SIGMA_DATA) -> jax.Array:
     """x_t = cos t·x0 + sin t·z with fresh z ~ N(0, σ_d²) drawn from `key`. x0: [B, ...]; t: [B]."""
     tb = per_example(at_least_fp32(t), x0)
-    return jnp.cos(tb) * x0 + jnp.sin(tb) * sigma_data * jax.random.normal(key, x0.shape, x0.dtype)
+    return jnp.cos(tb) * x0 + jnp.sin(tb) * sigma_data * standard_normal(key, x0.shape, x0.dtype)
 
 
 def consistency_fn(model: TrigFlowFn, x_t: jax.Array, t: jax.Array, sigma_data: float = SIGMA_DATA) -> jax.Array:
@@ -117,13 +118,20 @@ def scm_sample(model: TrigFlowFn, noise: jax.Array, key: jax.Array, times: Seque
                sigma_data: float = SIGMA_DATA) -> jax.Array:
     """Multistep consistency sampling: denoise to x0, re-noise with fresh noise to the next time.
 
-    noise: [B, ...] ~ N(0, 1) (scaled by σ_d here); returns the final x0 estimate (TrigFlow data scale).
+    noise: [B, ...] ~ N(0, 1) (scaled by σ_d here); times: [max_time, ..., 0]; returns the final x0
+    estimate (TrigFlow data scale). The steps are one scanned body, so any step count compiles
+    the model once.
     """
-    x = noise * sigma_data
-    keys = jax.random.split(key, len(times))
-    for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
-        x0 = consistency_fn(model, x, jnp.full((x.shape[0],), t, jnp.float32), sigma_data)
-        if t_next > 0:
-            fresh = jax.random.normal(keys[i], x.shape, x.dtype)
-            x = math.cos(t_next) * x0 + math.sin(t_next) * sigma_data * fresh
+    keys = jax.random.split(key, len(times))[:-1]
+    # The re-noising coefficients in float64 on the host, then float32: as Python floats would give.
+    t_next = np.asarray(times[1:], np.float64)
+    renoise = (np.cos(t_next).astype(np.float32), (np.sin(t_next) * sigma_data).astype(np.float32))
+
+    def step(x, inputs):
+        t, key, cos_next, sin_next = inputs
+        x0 = consistency_fn(model, x, jnp.full((x.shape[0],), t), sigma_data)
+        # At the last time (0) this is x0 itself: cos 0 = 1, sin 0 = 0.
+        return cos_next * x0 + sin_next * standard_normal(key, x.shape, x.dtype), None
+
+    x0, _ = jax.lax.scan(step, noise * sigma_data, (np.asarray(times[:-1], np.float32), keys, *renoise))
     return x0

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from s2flash_jax.flows.flow_matching import per_example, time_embedder_input
+from s2flash_jax.flows.flow_matching import per_example, standard_normal, time_embedder_input
 from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.recipes.base import DistillState, Phase, Recipe
 
@@ -68,7 +68,7 @@ def flow_matching(model: SanaTransformer, null_caption: jax.Array, null_caption_
         x0 = batch["latents"].astype(jnp.float32)
         time_key, noise_key, drop_key = jax.random.split(key, 3)
         s = jax.nn.sigmoid(config.time_mean + config.time_std * jax.random.normal(time_key, (x0.shape[0],)))
-        noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+        noise = standard_normal(noise_key, x0.shape, x0.dtype)
         x_s = (1 - per_example(s, x0)) * x0 + per_example(s, x0) * noise
         caption, mask = null_captioned(drop_key, batch["caption"], batch["caption_mask"], state.frozen["null_caption"],
                                        state.frozen["null_caption_mask"], config.caption_dropout)
