@@ -17,6 +17,8 @@ from collections.abc import Iterable
 import jax
 import torch
 
+from s2flash_jax.train.step import step_peak_bytes
+
 CPU_JAX = "XLA buffer assignment of the compiled steps (arguments + temporaries + outputs)"
 CPU_TORCH = "tensors live before the steps + peak of the profiler's allocation events during them"
 ACCELERATOR_JAX = "allocator peak (jax memory_stats peak_bytes_in_use)"
@@ -28,11 +30,7 @@ def jax_peak_bytes(compiled_steps: Iterable[jax.stages.Compiled]) -> tuple[int, 
     stats = jax.devices()[0].memory_stats()
     if stats and "peak_bytes_in_use" in stats:
         return int(stats["peak_bytes_in_use"]), ACCELERATOR_JAX
-    peaks = []
-    for compiled in compiled_steps:
-        m = compiled.memory_analysis()
-        peaks.append(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
-    return int(max(peaks)), CPU_JAX
+    return max(step_peak_bytes(compiled) for compiled in compiled_steps), CPU_JAX
 
 
 def tensor_bytes(modules: Iterable[torch.nn.Module] = (), tensors: Iterable[torch.Tensor] = ()) -> int:

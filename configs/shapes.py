@@ -2,7 +2,8 @@
 on 32x32 procedural shape images, sized to run end to end on a laptop CPU.
 
 Variants: `configs/shapes.py` distils the student (sCM + LADD) from `train.teacher_checkpoint`;
-`configs/shapes.py:teacher` trains the teacher with flow matching; add `,quick` to either for the
+`configs/shapes.py:tbcm` distils it image-free on the teacher's trajectories (TBCM, prompts only);
+`configs/shapes.py:teacher` trains the teacher with flow matching; add `,quick` to any for the
 short run the tests use. Latents are the lossless space-to-depth "autoencoder" of the images
 (factor 2: 16x16x12), captions the frozen word-level text encoder's 20 x 64 embeddings; `s2flash
 demo` writes both into the run's data directory and sets `data.path`.
@@ -33,6 +34,7 @@ from s2flash_jax.models.sana import SanaConfig
 from s2flash_jax.precision import Precision
 from s2flash_jax.recipes.flow_matching import FlowMatchingConfig
 from s2flash_jax.recipes.sana_sprint import SanaSprintConfig
+from s2flash_jax.recipes.tbcm import TBCMConfig
 
 AUTOENCODER_FACTOR = 2
 IMAGE_SIZE = 32
@@ -71,11 +73,13 @@ STEPS = {"full": (1200, 160), "quick": (100, 20)}
 
 def get_config(arg=None):
     tokens = [t for t in (arg or "").split(",") if t]
-    unknown = set(tokens) - {"teacher", "quick"}
-    if unknown:
-        raise ValueError(f"unknown variant(s) {sorted(unknown)}; expected 'teacher' and/or 'quick'")
+    unknown = set(tokens) - {"teacher", "tbcm", "quick"}
+    if unknown or {"teacher", "tbcm"} <= set(tokens):
+        raise ValueError(f"variant {arg!r}: expected at most one of 'teacher' / 'tbcm', and/or 'quick'")
     teacher_steps, student_steps = STEPS["quick" if "quick" in tokens else "full"]
     batch_size = 8 if "quick" in tokens else 32  # --quick only checks that every stage runs
+    train = dict(batch_size=batch_size, optimizer="adamw", clip_norm=1.0, ema_decay=0.99, log_every=50,
+                 checkpoint_every=500, keep_checkpoints=1)
     common = dict(
         precision=Precision(param_dtype="float32", compute_dtype="float32"),
         sample=SampleConfig(steps=1, batch_size=4, height=TEACHER.sample_size, width=TEACHER.sample_size,
@@ -84,19 +88,24 @@ def get_config(arg=None):
     )
     if "teacher" in tokens:
         return Config(model=TEACHER, recipe="flow_matching", flow_matching=FlowMatchingConfig(time_mean=2.0, caption_dropout=0.1),
-                      train=TrainConfig(steps=teacher_steps, batch_size=batch_size, optimizer="adamw",
-                                        learning_rate=3e-3, schedule="cosine", warmup_steps=min(100, teacher_steps // 10),
-                                        end_learning_rate=1e-5, clip_norm=1.0, ema_decay=0.99, log_every=50,
-                                        checkpoint_every=500, keep_checkpoints=1),
+                      train=TrainConfig(steps=teacher_steps, learning_rate=3e-3, schedule="cosine",
+                                        warmup_steps=min(100, teacher_steps // 10), end_learning_rate=1e-5, **train),
                       **common)
     common["sample"] = dataclasses.replace(common["sample"], flow_shift=STUDENT_FLOW_SHIFT)
+    scm = SCMConfig(p_mean=1.3, guidance_scales=(GUIDANCE_SCALE,), tangent_warmup_steps=min(200, student_steps // 5))
+    if "tbcm" in tokens:
+        # Image-free: a quarter of the prompts, each giving 4 points of an 8-point trajectory through the
+        # teacher's own (flow_shift-warped) schedule, so the student trains on as many rows as SANA-Sprint's.
+        return Config(
+            model=STUDENT, teacher=TEACHER, recipe="tbcm",
+            train=TrainConfig(steps=student_steps, learning_rate=2e-4, warmup_steps=min(50, student_steps // 10),
+                              **{**train, "batch_size": batch_size // 4}),
+            tbcm=TBCMConfig(scm=scm, route_points=8, route_shift=FLOW_SHIFT, points_per_trajectory=4),
+            **common)
     return Config(
         model=STUDENT, teacher=TEACHER,
-        train=TrainConfig(steps=student_steps, batch_size=batch_size, optimizer="adamw", learning_rate=2e-4,
-                          warmup_steps=min(50, student_steps // 10), clip_norm=1.0, ema_decay=0.99, log_every=50,
-                          checkpoint_every=500, keep_checkpoints=1),
+        train=TrainConfig(steps=student_steps, learning_rate=2e-4, warmup_steps=min(50, student_steps // 10), **train),
         sana_sprint=SanaSprintConfig(
-            scm=SCMConfig(p_mean=1.3, guidance_scales=(GUIDANCE_SCALE,),
-                          tangent_warmup_steps=min(200, student_steps // 5)),
+            scm=scm,
             ladd=LADDConfig(p_mean=-0.6 + math.log(FLOW_SHIFT), block_ids=(0, 1))),
         **common)

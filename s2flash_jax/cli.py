@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/shapes-demo", help="demo directory (default: runs/shapes-demo)")
     demo.add_argument("--quick", action="store_true", help="a short run (a few minutes, mostly compilation) for tests and a first look")
     demo.add_argument("--force", action="store_true", help="delete an existing demo directory and start over")
+    demo.add_argument("--recipe", default="sana-sprint", metavar="NAMES",
+                      help="distillation recipe(s), comma-separated, one set of rows each: sana-sprint (sCM + LADD "
+                           "on the rendered images) and/or tbcm (image-free, on the teacher's trajectories); "
+                           "default sana-sprint")
 
     precompute = commands.add_parser(
         "precompute", help="encode an image folder with captions into training shards (DC-AE + text encoder)",
@@ -237,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from s2flash_jax.demo import run_shapes_demo
 
-            run_shapes_demo(Path(args.out), quick=args.quick, force=args.force)
+            run_shapes_demo(Path(args.out), quick=args.quick, force=args.force,
+                            recipes=tuple(r.strip() for r in args.recipe.split(",") if r.strip()))
             return 0
         if args.command == "sample" and args.ckpt:
             from s2flash_jax.pipeline import run_sample_checkpoint

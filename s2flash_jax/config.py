@@ -23,8 +23,9 @@ from s2flash_jax.parallel.mesh import MeshConfig
 from s2flash_jax.precision import Precision
 from s2flash_jax.recipes.flow_matching import FlowMatchingConfig
 from s2flash_jax.recipes.sana_sprint import SanaSprintConfig
+from s2flash_jax.recipes.tbcm import TBCMConfig
 
-RECIPES = ("sana_sprint", "flow_matching")
+RECIPES = ("sana_sprint", "tbcm", "flow_matching")
 
 
 class ConfigError(ValueError):
@@ -125,6 +126,7 @@ class Config:
     data: DataConfig = DataConfig()
     mesh: MeshConfig = MeshConfig()
     sana_sprint: SanaSprintConfig = SanaSprintConfig()
+    tbcm: TBCMConfig = TBCMConfig()
     flow_matching: FlowMatchingConfig = FlowMatchingConfig()
     seed: int = 0
 

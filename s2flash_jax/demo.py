@@ -5,14 +5,17 @@ Stages (each skipped when its output is complete, so an interrupted demo resumes
      frozen word-level text encoder into ArrayRecord shards (the format `s2flash precompute` writes)
   2. teacher: a SANA-architecture flow model trained with flow matching (`s2flash train`, recipe
      flow_matching), exported as a model checkpoint
-  3. student: the SANA-Sprint recipe (TrigFlow transform of the teacher, sCM + LADD) distils it
+  3. student: the SANA-Sprint recipe (TrigFlow transform of the teacher, sCM + LADD) distils it;
+     with --recipe tbcm also (or instead) TBCM, image-free on the teacher's own trajectories from a
+     prompts-only dataset
   4. eval: the held-out prompts sampled by the teacher (20 guided Euler steps) and the student
      (1, 2, 4 steps; and 1 step before distillation), read back by the analytic checker, compared
      with real renders by a Fréchet distance, timed.
 
 OUT/
-  data/  text_encoder/  feature_net/            shared inputs
+  data/  text_encoder/  feature_net/            shared inputs (prompts/: captions only, for TBCM)
   teacher/ (run) teacher/model/ (checkpoint)     student/ (run) student/model/ (checkpoint)
+  student-tbcm/ (run, model/)                    with --recipe tbcm
   grid.png  metrics.json  metrics.md  tensorboard/ (eval scalars; each run has its own logs)
 """
 
@@ -28,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from s2flash_jax.config import Config, load_config
+from s2flash_jax.config import Config, ConfigError, load_config
 from s2flash_jax.data import shapes
 from s2flash_jax.data.records import read_dataset_info, write_shards
 from s2flash_jax.eval.alignment import score
@@ -46,7 +49,10 @@ DATA_SEED = 0
 STUDENT_STEPS = (1, 2, 4)
 TEACHER_STEPS = 20
 GRID_PROMPTS = 8
+STEP_MEMORY = "step_memory.json"  # in each run directory: what its compiled train steps hold at their peak
 IMAGE_SIZE = 32
+# recipe -> (variant of configs/shapes.py, run directory, label of its rows)
+RECIPES = {"sana-sprint": ("", "student", "student"), "tbcm": ("tbcm", "student-tbcm", "TBCM student")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +68,13 @@ SIZES = {"full": DemoSize(records=20_000, samples_per_prompt=4, feature_net_step
          "quick": DemoSize(records=2_048, samples_per_prompt=1, feature_net_steps=150)}
 
 
-def run_shapes_demo(out: Path, *, quick: bool = False, force: bool = False) -> dict:
-    """Run (or resume) every stage into `out`; returns the metrics written to metrics.json."""
+def run_shapes_demo(out: Path, *, quick: bool = False, force: bool = False,
+                    recipes: tuple[str, ...] = ("sana-sprint",)) -> dict:
+    """Run (or resume) every stage into `out`, distilling with each of `recipes` (keys of RECIPES);
+    returns the metrics written to metrics.json."""
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown or not recipes:
+        raise ConfigError(f"--recipe {','.join(recipes)!r}: expected one or more of {', '.join(RECIPES)}")
     size = SIZES["quick" if quick else "full"]
     variant = ",quick" if quick else ""
     if out.exists() and force:
@@ -84,6 +95,9 @@ def run_shapes_demo(out: Path, *, quick: bool = False, force: bool = False) -> d
     autoencoder = _write_dataset(out / "data", text_encoder, size.records,
                                  factor=IMAGE_SIZE // teacher_config.model.sample_size)
     feature_net = _feature_net(out / "feature_net", size.feature_net_steps)
+    if "tbcm" in recipes:
+        _write_dataset(out / "prompts", text_encoder, size.records, factor=IMAGE_SIZE // teacher_config.model.sample_size,
+                       latents=False)
     clock["data_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -91,17 +105,25 @@ def run_shapes_demo(out: Path, *, quick: bool = False, force: bool = False) -> d
                                 _component_writer(out / "text_encoder", autoencoder, teacher_config))
     clock["teacher_s"] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    student_config = load_config(f"{CONFIG}:{variant.lstrip(',')}",
-                                 [f"data.path={out / 'data'}", f"train.teacher_checkpoint={teacher_ckpt}"])
-    student_ckpt = _train_stage("student", student_config, out / "student",
-                                _component_writer(out / "text_encoder", autoencoder, student_config))
-    clock["student_s"] = time.perf_counter() - start
+    students, training = {}, {}
+    for recipe in recipes:
+        config_variant, run_name, label = RECIPES[recipe]
+        start = time.perf_counter()
+        student_config = load_config(
+            f"{CONFIG}:{','.join(t for t in (config_variant, variant.lstrip(',')) if t)}",
+            [f"data.path={out / ('prompts' if recipe == 'tbcm' else 'data')}", f"train.teacher_checkpoint={teacher_ckpt}"])
+        students[label] = _train_stage(run_name, student_config, out / run_name,
+                                       _component_writer(out / "text_encoder", autoencoder, student_config))
+        clock[f"{run_name}_s"] = time.perf_counter() - start
+        measured = out / run_name / STEP_MEMORY  # absent for a run trained before it was recorded
+        training[recipe] = {"steps": student_config.train.steps, "batch_size": student_config.train.batch_size,
+                            **(json.loads(measured.read_text()) if measured.is_file() else {})}
 
     start = time.perf_counter()
-    metrics = _evaluate(out, teacher_ckpt, student_ckpt, student_config, feature_net, size)
+    metrics = _evaluate(out, teacher_ckpt, students, student_config, feature_net, size)
     clock["eval_s"] = time.perf_counter() - start
     metrics["wall_s"] = clock
+    metrics["training"] = training
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "metrics.md").write_text(metrics_table(metrics))
     print(metrics_table(metrics))
@@ -118,8 +140,10 @@ def _text_encoder(path: Path, config: Config) -> FrozenTextEncoder:
     return FrozenTextEncoder.load(path)
 
 
-def _write_dataset(path: Path, text_encoder: FrozenTextEncoder, count: int, factor: int, batch: int = 512):
-    """Training shards of `count` scenes; the autoencoder's scaling factor makes the latents unit-variance."""
+def _write_dataset(path: Path, text_encoder: FrozenTextEncoder, count: int, factor: int, batch: int = 512,
+                   latents: bool = True):
+    """Training shards of `count` scenes (their captions only without `latents`); the autoencoder's
+    scaling factor makes the latents unit-variance."""
     info = read_dataset_info(path)
     if info is not None and info.get("num_records") == count:
         return SpaceToDepthAutoencoder(SpaceToDepthConfig(**info["autoencoder"]))
@@ -131,11 +155,13 @@ def _write_dataset(path: Path, text_encoder: FrozenTextEncoder, count: int, fact
         for start in tqdm(range(0, count, batch), desc="shapes dataset", unit="batch"):
             scenes = shapes.scenes(DATA_SEED, start, min(batch, count - start))
             prompts = [shapes.prompt(s) for s in scenes]
-            latents = np.asarray(autoencoder.encode(shapes.render_batch(scenes, seed=DATA_SEED + start)))
-            latents = latents * autoencoder.config.scaling_factor
+            encoded = [None] * len(prompts)
+            if latents:
+                encoded = np.asarray(autoencoder.encode(shapes.render_batch(scenes, seed=DATA_SEED + start)))
+                encoded = encoded * autoencoder.config.scaling_factor
             embeddings, mask = text_encoder(prompts)
             for i, text in enumerate(prompts):
-                yield {"latent": latents[i], "caption_embedding": embeddings[i], "caption_mask": mask[i],
+                yield {"latent": encoded[i], "caption_embedding": embeddings[i], "caption_mask": mask[i],
                        "caption": text}
 
     write_shards(records(), path, records_per_shard=4096, num_records=count,
@@ -168,27 +194,32 @@ def _train_stage(name: str, config: Config, run_dir: Path, components: dict) -> 
         print(f"{name}: {ckpt} exists, skipping")
         return ckpt
     print(f"{name}: {config.recipe} for {config.train.steps} steps in {run_dir}", flush=True)
+    start = time.perf_counter()
     result = train(config, run_dir, resume=True)
+    (run_dir / STEP_MEMORY).write_text(json.dumps({"step_peak_mb": result.step_peak_bytes / 2**20,
+                                                   "train_s": time.perf_counter() - start}) + "\n")
     result.export(config, ckpt, force=True, **components)
     return ckpt
 
 
-def _evaluate(out: Path, teacher_ckpt: Path, student_ckpt: Path, student_config: Config, feature_net,
+def _evaluate(out: Path, teacher_ckpt: Path, students: dict[str, Path], student_config: Config, feature_net,
               size: DemoSize) -> dict:
+    """students: row label -> checkpoint; student_config: any of their configs (the architecture)."""
     scenes = shapes.heldout_scenes()
     prompts = [shapes.prompt(s) for s in scenes] * size.samples_per_prompt
     all_scenes = scenes * size.samples_per_prompt
     references = shapes.render_batch(all_scenes, seed=12345)
     reference_features = image_features(feature_net, references)
     teacher = TextToImage.load(teacher_ckpt)
-    student = TextToImage.load(student_ckpt)
+    loaded = {label: TextToImage.load(ckpt) for label, ckpt in students.items()}
     # Where distillation starts: the student built from the teacher, before any update.
     _, initial, _ = create_train_state(student_config, make_mesh(student_config.mesh))
-    before = dataclasses.replace(student, params=product_params(initial, "student"))
+    before = dataclasses.replace(next(iter(loaded.values())), params=product_params(initial, "student"))
 
     rows = {"reference renders": (None, 0)} | {f"teacher, {TEACHER_STEPS} steps": (teacher, TEACHER_STEPS),
                                                "student before distillation, 1 step": (before, 1)}
-    rows |= {f"student, {n} step{'s' if n > 1 else ''}": (student, n) for n in STUDENT_STEPS}
+    for label, student in loaded.items():
+        rows |= {f"{label}, {n} step{'s' if n > 1 else ''}": (student, n) for n in STUDENT_STEPS}
     results, grid_columns = {}, {}
     for label, (pipeline, steps) in tqdm(rows.items(), desc="evaluating", unit="model"):
         timings = {}
@@ -204,8 +235,7 @@ def _evaluate(out: Path, teacher_ckpt: Path, student_ckpt: Path, student_config:
     _sample_grid(prompts[:GRID_PROMPTS], grid_columns).save(out / "grid.png")
     _log_scalars(out / "tensorboard", results)
     return {"models": results, "heldout_prompts": len(scenes), "samples_per_prompt": size.samples_per_prompt,
-            "teacher_steps_trained": _run_steps(out / "teacher"),
-            "student_steps_trained": _run_steps(out / "student")}
+            "teacher_steps_trained": _run_steps(out / "teacher")}
 
 
 def _run_steps(run_dir: Path) -> int:
@@ -247,6 +277,12 @@ def metrics_table(metrics: dict) -> str:
         rate = values.get("images_per_s")
         lines.append(f"| {label} | " + " | ".join(f"{values[f'accuracy/{k}']:.1%}" for k in keys)
                      + f" | {values['frechet']:.2f} | {'' if rate is None else f'{rate:,.0f}'} |")
+    training = metrics.get("training", {})
+    if training:
+        lines += ["", "| distillation | updates | batch | train time | peak step memory |", "|---|---|---|---|---|"]
+        lines += [f"| {recipe} | {t['steps']} | {t['batch_size']} | "
+                  + (f"{t['train_s']:.0f}s | {t['step_peak_mb']:.0f} MiB |" if "train_s" in t else "? | ? |")
+                  for recipe, t in training.items()]
     wall = metrics.get("wall_s", {})
     if wall:
         lines.append("")

@@ -25,9 +25,12 @@ CAPTION_DIM = 6
 
 def make_record(index: int, *, latent_shape=LATENT_SHAPE, caption_length=CAPTION_LENGTH,
                 caption_dim=CAPTION_DIM, seed: int = 0) -> dict:
+    """latent_shape None: a prompts-only record."""
     rng = np.random.default_rng([seed, index])
-    latent = rng.standard_normal(latent_shape).astype(np.float32)
-    latent[..., 0] = index
+    latent = None
+    if latent_shape is not None:
+        latent = rng.standard_normal(latent_shape).astype(np.float32)
+        latent[..., 0] = index
     tokens = 1 + index % caption_length
     return {
         "latent": latent,

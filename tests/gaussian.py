@@ -41,3 +41,21 @@ class DiagonalGaussian:
         (unit scale: f/σ_d = cos t·x̂ − sin t·F)."""
         x0_hat = self.ode_endpoint(x_hat, t, mu, sigma)
         return (jnp.cos(t)[:, None] * x_hat - x0_hat) / jnp.sin(t)[:, None]
+
+
+def time_mlp(key: jax.Array, dim: int = 2, hidden: int = 64):
+    """(params, apply): a small MLP F(x̂ [B, dim], t [B]) -> [B, dim] with sin/cos time features, its
+    output layer zero so it starts at F = 0 (for students trained on the Gaussian teacher)."""
+    k = jax.random.split(key, 2)
+    features = dim + 8
+    params = {"w1": jax.random.normal(k[0], (features, hidden)) / features**0.5, "b1": jnp.zeros(hidden),
+              "w2": jax.random.normal(k[1], (hidden, hidden)) / hidden**0.5, "b2": jnp.zeros(hidden),
+              "w3": jnp.zeros((hidden, dim)), "b3": jnp.zeros(dim)}
+
+    def apply(p, x_hat, t):
+        freqs = jnp.arange(1.0, 5.0)
+        h = jnp.concatenate([x_hat, jnp.sin(freqs * t[:, None]), jnp.cos(freqs * t[:, None])], axis=1)
+        h = jax.nn.silu(h @ p["w1"] + p["b1"])
+        return jax.nn.silu(h @ p["w2"] + p["b2"]) @ p["w3"] + p["b3"]
+
+    return params, apply

@@ -44,9 +44,25 @@ def test_rerun_resumes_every_stage_and_reproduces_the_metrics(demo, capsys):
     assert scores(again) == scores(metrics)
 
 
+def test_tbcm_recipe_adds_its_rows_trained_from_prompts_alone(demo, tmp_path, capsys):
+    """--recipe sana-sprint,tbcm on a finished demo: only the TBCM student trains, on a dataset with no
+    latents at all; its rows and its training cost join the SANA-Sprint ones, which are unchanged."""
+    out, metrics = demo
+    both = run_shapes_demo(out, quick=True, recipes=("sana-sprint", "tbcm"))
+    info = json.loads((out / "prompts" / "dataset_info.json").read_text())
+    assert info["latent_shape"] is None and info["num_records"] == SIZES["quick"].records
+    assert (out / "student-tbcm" / "model" / "model.json").is_file()
+    assert {k: v for k, v in scores(both)["models"].items() if "TBCM" not in k} == scores(metrics)["models"]
+    assert {label for label in both["models"] if "TBCM" in label} == {
+        "TBCM student, 1 step", "TBCM student, 2 steps", "TBCM student, 4 steps"}
+    assert both["training"]["tbcm"]["step_peak_mb"] > 0 and "| tbcm |" in (out / "metrics.md").read_text()
+    assert main(["demo", "--quick", "--out", str(tmp_path / "x"), "--recipe", "lcm"]) == 2
+    assert "expected one or more of sana-sprint, tbcm" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def scores(metrics):
     """Everything a demo measures except how long it took (wall time, images/s)."""
-    return {**{k: v for k, v in metrics.items() if k not in ("wall_s", "models")},
+    return {**{k: v for k, v in metrics.items() if k not in ("wall_s", "models", "training")},
             "models": {label: {k: v for k, v in values.items() if k != "images_per_s"}
                        for label, values in metrics["models"].items()}}
 

@@ -9,7 +9,7 @@ import pytest
 
 from s2flash_jax.flows.trigflow import SIGMA_DATA, trigflow_from_flow_matching
 from s2flash_jax.losses.scm import SCMConfig, ode_time_derivative, scm_loss, tangent_warmup
-from tests.gaussian import DiagonalGaussian
+from tests.gaussian import DiagonalGaussian, time_mlp
 
 DATA = DiagonalGaussian(jnp.array([0.8, -0.4]), jnp.array([0.3, 1.2]))
 
@@ -132,17 +132,7 @@ def test_mlp_student_distilled_with_scm_samples_the_data_distribution_in_1_2_and
 
     from s2flash_jax.flows.trigflow import scm_sample, scm_timesteps
 
-    hidden = 64
-    k = jax.random.split(jax.random.key(0), 2)
-    params = {"w1": jax.random.normal(k[0], (10, hidden)) / np.sqrt(10), "b1": jnp.zeros(hidden),
-              "w2": jax.random.normal(k[1], (hidden, hidden)) / np.sqrt(hidden), "b2": jnp.zeros(hidden),
-              "w3": jnp.zeros((hidden, 2)), "b3": jnp.zeros(2)}
-
-    def mlp(p, x_hat, t):
-        freqs = jnp.arange(1.0, 5.0)
-        h = jnp.concatenate([x_hat, jnp.sin(freqs * t[:, None]), jnp.cos(freqs * t[:, None])], axis=1)
-        h = jax.nn.silu(h @ p["w1"] + p["b1"])
-        return jax.nn.silu(h @ p["w2"] + p["b2"]) @ p["w3"] + p["b3"]
+    params, mlp = time_mlp(jax.random.key(0))
 
     def student(p, x_hat, t, guidance):
         return mlp(p, x_hat, t), jnp.zeros(x_hat.shape[0])

@@ -86,7 +86,7 @@ class DataConfig:
 class ExampleSpec:
     """What every record must hold for the model being trained."""
 
-    latent_shape: tuple[int, int, int]  # [H, W, C]: sample_size x sample_size x in_channels
+    latent_shape: tuple[int, int, int] | None  # [H, W, C]: sample_size x sample_size x in_channels; None: not read
     caption_length: int  # L: captions are padded with zeros up to it
     caption_dim: int  # D: the model's caption_channels
     keep_caption_text: bool = False
@@ -97,13 +97,14 @@ class ExampleSpec:
 
 
 def train_batches(config: DataConfig, *, global_batch_size: int, seed: int,
-                  latent_shape: tuple[int, int, int], caption_length: int, caption_dim: int,
+                  latent_shape: tuple[int, int, int] | None, caption_length: int, caption_dim: int,
                   process_index: int | None = None, process_count: int | None = None) -> grain.DatasetIterator:
     """An endless iterator of this process's training batches.
 
     Yields {"latents": float32 [b, H, W, C], "caption": float32 [b, L, D],
     "caption_mask": int32 [b, L]} (plus "caption_text": str [b] unless config.drop_caption_text),
-    b = global_batch_size // process_count. process_index/process_count default to JAX's.
+    b = global_batch_size // process_count; latent_shape None: captions only (a prompts-only
+    dataset is then enough). process_index/process_count default to JAX's.
     Raises DataError for a missing/empty dataset or a record that does not fit the model
     (the first record is checked here, the others when read).
     """
@@ -117,7 +118,7 @@ def train_batches(config: DataConfig, *, global_batch_size: int, seed: int,
         raise ValueError(f"global batch size {global_batch_size} must be a positive multiple of the "
                          f"process count {process_count}")
     local_batch_size = global_batch_size // process_count
-    spec = ExampleSpec(tuple(latent_shape), caption_length, caption_dim, not config.drop_caption_text)
+    spec = ExampleSpec(None if latent_shape is None else tuple(latent_shape), caption_length, caption_dim, not config.drop_caption_text)
     source, describe = open_source(config)
     to_example = _ToExample(spec, describe, len(source))
     to_example(0, source[0])  # a mismatched dataset fails now, not at the first step
@@ -268,13 +269,14 @@ def _record_from_features(features: Any, where: str) -> dict[str, Any]:
     """A TFDS element (dict of numpy arrays, caption as bytes) as a decoded record."""
     if not isinstance(features, dict):
         raise DataError(f"{where}: is a {type(features).__name__}, expected a dict of features")
-    missing = [k for k in ("latent", "caption_embedding", "caption_mask") if k not in features]
+    missing = [k for k in ("caption_embedding", "caption_mask") if k not in features]
     if missing:
         raise DataError(f"{where}: missing feature(s) {', '.join(missing)}; expected latent, caption_embedding, "
                         "caption_mask, caption")
-    record = {key: np.asarray(features[key]) for key in ("latent", "caption_embedding", "caption_mask")}
+    record = {key: np.asarray(features[key]) for key in ("latent", "caption_embedding", "caption_mask")
+              if key in features}
     for key, allowed in (("latent", FLOAT_DTYPES), ("caption_embedding", FLOAT_DTYPES), ("caption_mask", MASK_DTYPES)):
-        if record[key].dtype.name not in allowed:
+        if key in record and record[key].dtype.name not in allowed:
             raise DataError(f"{where}: {key} has dtype {record[key].dtype.name}, expected one of {', '.join(allowed)}")
     caption = features.get("caption", b"")
     record["caption"] = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
@@ -285,10 +287,14 @@ def example_from_record(record: dict[str, Any], spec: ExampleSpec, where: str = 
     """Check a decoded record against the model and pad its caption to spec.caption_length.
 
     Returns {"latents": float32 [H, W, C], "caption": float32 [L, D], "caption_mask": int32 [L]}
-    (+ "caption_text": str).
+    (+ "caption_text": str); without "latents" when spec.latent_shape is None.
     """
-    latent, embedding, mask = record["latent"], record["caption_embedding"], record["caption_mask"]
-    if latent.shape != spec.latent_shape:
+    embedding, mask = record["caption_embedding"], record["caption_mask"]
+    latent = record.get("latent")
+    if spec.latent_shape is not None and latent is None:
+        raise DataError(f"{where}: has no latent (a prompts-only dataset), but this recipe trains on latents "
+                        f"{spec.latent_shape}; precompute the images, or use an image-free recipe (tbcm)")
+    if latent is not None and spec.latent_shape is not None and latent.shape != spec.latent_shape:
         raise DataError(f"{where}: latent has shape {latent.shape}, expected {spec.latent_shape} "
                         "(the model's sample_size x sample_size x in_channels)")
     if embedding.ndim != 2 or embedding.shape[1] != spec.caption_dim:
@@ -300,15 +306,16 @@ def example_from_record(record: dict[str, Any], spec: ExampleSpec, where: str = 
                         "than the model's; re-run precompute with --caption-length)")
     if mask.shape != embedding.shape[:1]:
         raise DataError(f"{where}: caption_mask has shape {mask.shape}, expected ({embedding.shape[0]},)")
-    latents = latent.astype(np.float32)
-    if not np.isfinite(latents).all():
-        raise DataError(f"{where}: latent holds NaN or inf values")
     n = embedding.shape[0]
     caption = np.zeros((spec.caption_length, spec.caption_dim), np.float32)
     caption[:n] = embedding
     caption_mask = np.zeros((spec.caption_length,), np.int32)
     caption_mask[:n] = mask
-    example = {"latents": latents, "caption": caption, "caption_mask": caption_mask}
+    example = {"caption": caption, "caption_mask": caption_mask}
+    if spec.latent_shape is not None:
+        example["latents"] = latent.astype(np.float32)
+        if not np.isfinite(example["latents"]).all():
+            raise DataError(f"{where}: latent holds NaN or inf values")
     if spec.keep_caption_text:
         example["caption_text"] = np.asarray(record["caption"])
     return example

@@ -8,7 +8,8 @@ One record is one training example, serialised with msgpack as a self-describing
      "caption_mask":      {"dtype": "uint8",   "shape": [n],       "data": <bytes>},
      "caption": "the caption text"}
 
-- `latent` is NHWC and already multiplied by the VAE's scaling factor (roughly unit variance).
+- `latent` is NHWC and already multiplied by the VAE's scaling factor (roughly unit variance). A
+  prompts-only dataset (for image-free recipes such as TBCM) leaves it out.
 - `caption_embedding` is the text encoder's last hidden state; `caption_mask` is 1 for real tokens.
   n <= the model's caption length: a writer may drop trailing padding, readers pad with zeros
   (padding positions are masked out of cross-attention, so their values never matter).
@@ -38,7 +39,7 @@ from array_record.python.array_record_module import ArrayRecordReader, ArrayReco
 
 RECORD_FORMAT = "s2flash-record"
 RECORD_VERSION = 1
-RECORD_KEYS = ("latent", "caption_embedding", "caption_mask", "caption")
+RECORD_KEYS = ("caption_embedding", "caption_mask", "caption")  # required; "latent" is optional
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 MASK_DTYPES = ("uint8", "bool", "int32", "int64")
 _ARRAY_SPECS = {  # key -> (rank, allowed stored dtypes, what the array is)
@@ -61,21 +62,20 @@ class DataError(ValueError):
 # One record
 
 
-def encode_record(*, latent: np.ndarray, caption_embedding: np.ndarray, caption_mask: np.ndarray,
+def encode_record(*, latent: np.ndarray | None, caption_embedding: np.ndarray, caption_mask: np.ndarray,
                   caption: str, dtype: str = "float16") -> bytes:
     """Serialise one example.
 
-    latent: [H, W, C] (scaled by the VAE scaling factor); caption_embedding: [n, D];
+    latent: [H, W, C] (scaled by the VAE scaling factor), or None for a prompts-only record; caption_embedding: [n, D];
     caption_mask: [n] of 0/1; caption: the text. Floats are stored as `dtype`
     (float16 | bfloat16 | float32); the mask as uint8.
     """
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"storage dtype {dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
-    latent = np.asarray(latent)
     caption_embedding = np.asarray(caption_embedding)
     caption_mask = np.asarray(caption_mask)
-    if latent.ndim != 3:
-        raise ValueError(f"latent has shape {latent.shape}, expected [H, W, C]")
+    if latent is not None and np.ndim(latent) != 3:
+        raise ValueError(f"latent has shape {np.shape(latent)}, expected [H, W, C]")
     if caption_embedding.ndim != 2:
         raise ValueError(f"caption_embedding has shape {caption_embedding.shape}, expected [L, D]")
     if caption_mask.shape != caption_embedding.shape[:1]:
@@ -86,7 +86,7 @@ def encode_record(*, latent: np.ndarray, caption_embedding: np.ndarray, caption_
     return msgpack.packb({
         "format": RECORD_FORMAT,
         "version": RECORD_VERSION,
-        "latent": _pack_array("latent", latent, dtype),
+        **({} if latent is None else {"latent": _pack_array("latent", np.asarray(latent), dtype)}),
         "caption_embedding": _pack_array("caption_embedding", caption_embedding, dtype),
         "caption_mask": _pack_array("caption_mask", caption_mask, "uint8"),
         "caption": caption,
@@ -121,7 +121,8 @@ def decode_record(raw: bytes, *, where: str = "record") -> dict[str, np.ndarray 
     missing = [k for k in RECORD_KEYS if k not in obj]
     if missing:
         raise DataError(f"{where}: missing {', '.join(missing)}; expected keys {', '.join(RECORD_KEYS)}")
-    record: dict[str, np.ndarray | str] = {key: _unpack_array(obj[key], key, where) for key in _ARRAY_SPECS}
+    record: dict[str, np.ndarray | str] = {key: _unpack_array(obj[key], key, where) for key in _ARRAY_SPECS
+                                           if key in obj}
     if not isinstance(obj["caption"], str):
         raise DataError(f"{where}: caption is a {type(obj['caption']).__name__}, expected str")
     record["caption"] = obj["caption"]
@@ -283,8 +284,9 @@ def _write_dataset_info(out_dir: Path, prefix: str, num_records: int, num_shards
         "num_shards": num_shards,
         "records_per_shard": records_per_shard,
         "shards": [shard_name(prefix, i, num_shards) for i in range(num_shards)],
-        "latent_shape": list(first["latent"].shape),
-        "latent_dtype": first["latent"].dtype.name,
+        # None for a prompts-only dataset
+        "latent_shape": list(first["latent"].shape) if "latent" in first else None,
+        "latent_dtype": first["latent"].dtype.name if "latent" in first else None,
         "caption_length": first["caption_embedding"].shape[0],
         "caption_dim": first["caption_embedding"].shape[1],
         "caption_dtype": first["caption_embedding"].dtype.name,

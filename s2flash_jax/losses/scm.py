@@ -80,7 +80,7 @@ def sample_guidance_scales(key: jax.Array, batch: int, config: SCMConfig) -> jax
 def scm_loss(student: StudentFn, params: Any, teacher: TeacherFn, x0: jax.Array, guidance_scale: jax.Array,
              key: jax.Array, step: jax.Array | int,
              config: SCMConfig = SCMConfig()) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The sCM loss of `student` at `params`, differentiable in params only.
+    """The sCM loss of `student` at `params` on forward-noised data, differentiable in params only.
 
     x0: [B, ...] clean latents in TrigFlow scale (unit latents · σ_d); guidance_scale: [B] the CFG
     scale of the teacher's velocity, also fed to the student (see sample_guidance_scales);
@@ -88,15 +88,27 @@ def scm_loss(student: StudentFn, params: Any, teacher: TeacherFn, x0: jax.Array,
     """
     sd = config.sigma_data
     x0 = at_least_fp32(x0)
-    batch = x0.shape[0]
     t_key, z_key = jax.random.split(key)
-    t = lognormal_times(t_key, batch, config.p_mean, config.p_std, sd)
+    t = lognormal_times(t_key, x0.shape[0], config.p_mean, config.p_std, sd)
     x_t = noised(z_key, x0, t, sd)
+    uncond, cond = teacher(x_t / sd, t)
+    dxt_dt = sd * at_least_fp32(classifier_free_guidance(uncond, cond, guidance_scale))
+    return consistency_loss(student, params, x_t, t, dxt_dt, guidance_scale, step, config)
+
+
+def consistency_loss(student: StudentFn, params: Any, x_t: jax.Array, t: jax.Array, dxt_dt: jax.Array,
+                     guidance_scale: jax.Array, step: jax.Array | int,
+                     config: SCMConfig = SCMConfig()) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The sCM loss at given points of the teacher's flow, differentiable in params only.
+
+    x_t: [B, ...] TrigFlow-scale states at times t [B] in (0, π/2); dxt_dt: [B, ...] the teacher's
+    guided velocity there (σ_d·CFG(F)); from forward-noised data (`scm_loss`) or from the teacher's
+    own sampling trajectories (TBCM). Returns (scalar loss, metrics).
+    """
+    sd = config.sigma_data
+    x_t, dxt_dt = at_least_fp32(x_t), jax.lax.stop_gradient(at_least_fp32(dxt_dt))
     w = guidance_scale
     x_hat = x_t / sd
-
-    uncond, cond = teacher(x_hat, t)
-    dxt_dt = jax.lax.stop_gradient(sd * at_least_fp32(classifier_free_guidance(uncond, cond, w)))
 
     frozen = jax.lax.stop_gradient(params)
     _, f_grad = ode_time_derivative(lambda x, s: student(frozen, x, s, w)[0], x_hat, t, dxt_dt / sd)
@@ -105,7 +117,7 @@ def scm_loss(student: StudentFn, params: Any, teacher: TeacherFn, x0: jax.Array,
     f_theta, logvar = student(params, x_hat, t, w)
     f_minus = jax.lax.stop_gradient(f_theta)
 
-    cos, sin = jnp.cos(per_example(t, x0)), jnp.sin(per_example(t, x0))
+    cos, sin = jnp.cos(per_example(t, x_t)), jnp.sin(per_example(t, x_t))
     r = tangent_warmup(step, config.tangent_warmup_steps)
     g = -cos**2 * (sd * f_minus - dxt_dt) - r * (cos * sin * x_t + sd * f_grad)
     g_norm = jnp.sqrt(jnp.sum(g**2, axis=tuple(range(1, g.ndim))))

@@ -53,7 +53,8 @@ class Recipe:
     """name; trains / frozen: network names; phases: by name; cycle: phase names repeated forever
     (("generator", "discriminator") alternates one update each); optimizers: one per trained network;
     product: the trained network the run is for (the one the config's `model` describes, kept as
-    EMA, sampled and exported); None means the first trained network."""
+    EMA, sampled and exported); None means the first trained network. needs_latents: False for a
+    recipe whose batches are captions only (TBCM's image-free training)."""
 
     name: str
     trains: Sequence[str]
@@ -62,6 +63,7 @@ class Recipe:
     cycle: Sequence[str]
     optimizers: Mapping[str, optax.GradientTransformation]
     product: str | None = None
+    needs_latents: bool = True
 
     def __post_init__(self):
         if self.product is None and self.trains:

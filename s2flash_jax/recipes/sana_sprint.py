@@ -60,8 +60,9 @@ def discriminator_for(teacher: SanaTransformer, config: SanaSprintConfig, *, rng
 
 
 @dataclasses.dataclass(frozen=True)
-class _Networks:
-    """Graph definitions (static) that turn parameter pytrees back into callable models."""
+class SprintNetworks:
+    """Graph definitions (static) that turn parameter pytrees back into callable models (the student
+    and the teacher are shared with TBCM, which has no discriminator)."""
 
     student: Any
     teacher: Any
@@ -196,7 +197,7 @@ def sana_sprint(student: SanaTransformer, teacher: SanaTransformer, discriminato
     s_graph, s_params = nnx.split(student)
     t_graph, t_params = nnx.split(teacher)
     d_graph, d_params, d_stats = nnx.split(discriminator, nnx.Param, nnx.BatchStat)
-    nets = _Networks(s_graph, t_graph, d_graph, config)
+    nets = SprintNetworks(s_graph, t_graph, d_graph, config)
     optimizers = optimizers or {"student": reference_optimizer(), "discriminator": reference_optimizer()}
     recipe = Recipe(
         name="sana_sprint", trains=("student", "discriminator"), frozen=("teacher", "null_caption"),
@@ -211,7 +212,8 @@ def sana_sprint(student: SanaTransformer, teacher: SanaTransformer, discriminato
     return recipe, state
 
 
-def _check_networks(student, teacher, discriminator, config: SanaSprintConfig):
+def check_student_and_teacher(student: SanaTransformer, teacher: SanaTransformer, scm: SCMConfig) -> list[str]:
+    """What keeps a SANA-Sprint-style student from being distilled from `teacher`, as messages."""
     s, t = student.config, teacher.config
     problems = []
     if not (s.guidance_embeds and s.logvar_head):
@@ -221,13 +223,17 @@ def _check_networks(student, teacher, discriminator, config: SanaSprintConfig):
     if s.inner_dim != t.inner_dim or s.in_channels != t.in_channels:
         problems.append(f"student and teacher differ in width or latent channels "
                         f"({s.inner_dim}/{s.in_channels} vs {t.inner_dim}/{t.in_channels})")
+    if scm.sigma_data != SIGMA_DATA:
+        problems.append(f"sigma_data={scm.sigma_data}: the TrigFlow wrapper of a flow teacher assumes {SIGMA_DATA}")
+    return problems
+
+
+def _check_networks(student, teacher, discriminator, config: SanaSprintConfig):
+    problems = check_student_and_teacher(student, teacher, config.scm)
     ids = list(config.ladd.block_ids)
-    if max(ids) >= t.num_layers or min(ids) < 0:
-        problems.append(f"ladd.block_ids {ids} must name teacher blocks in [0, {t.num_layers})")
+    if max(ids) >= teacher.config.num_layers or min(ids) < 0:
+        problems.append(f"ladd.block_ids {ids} must name teacher blocks in [0, {teacher.config.num_layers})")
     if len(discriminator.heads) != len(ids):
         problems.append(f"the discriminator has {len(discriminator.heads)} heads for {len(ids)} block_ids")
-    if config.scm.sigma_data != SIGMA_DATA:
-        problems.append(f"sigma_data={config.scm.sigma_data}: the TrigFlow wrapper of a flow teacher assumes "
-                        f"{SIGMA_DATA}")
     if problems:
         raise ValueError("SANA-Sprint networks do not fit together: " + "; ".join(problems))

@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from s2flash_jax.config import Config
 from s2flash_jax.data.pipeline import global_batch, train_batches
+from s2flash_jax.flows.flow_matching import standard_normal
 from s2flash_jax.model_checkpoint import save_model
 from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.outputs import OutputExists, image_grid
@@ -35,7 +36,7 @@ from s2flash_jax.sampling import few_step_sample, latent_preview
 from s2flash_jax.train.checkpoint import RunCheckpoints
 from s2flash_jax.train.metrics import MetricsLogger
 from s2flash_jax.train.state import TrainState, initialiser, product_params
-from s2flash_jax.train.step import compile_ahead
+from s2flash_jax.train.step import compile_ahead, step_peak_bytes
 
 # Config keys a resumed run may change: how long, how often, and how the work is laid out.
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
@@ -55,6 +56,7 @@ class RunResult:
     history: list[dict[str, float]]
     losses: list[dict[str, float]]  # every update's metrics when record_losses, else empty
     product: str  # the trained network the run is for (recipe.product)
+    step_peak_bytes: int = 0  # the largest compiled step's peak memory per device (train.step.step_peak_bytes)
 
     def export(self, config: Config, path: str | Path, **save_options) -> Path:
         """Write the run's product (its EMA, if kept) as a model checkpoint; see model_checkpoint.save_model."""
@@ -76,7 +78,8 @@ def train(config: Config, out: str | Path, *, resume: bool = False, force: bool 
     _check_batch(config, mesh)
     continuing = _check_run_dir(config, out, resume=resume, force=force)
     setup = initialiser(config)  # checks a teacher checkpoint before anything is written
-    data_it = _data_iterator(config, config.train.batch_size, jax.process_index(), jax.process_count())
+    data_it = _data_iterator(config, config.train.batch_size, jax.process_index(), jax.process_count(),
+                             latents=setup.recipe.needs_latents)
     # A fresh run reads its first batch before writing anything, so bad data leaves no run behind.
     first_batch = None if continuing else next(data_it)
     if not continuing and primary:
@@ -126,7 +129,8 @@ def train(config: Config, out: str | Path, *, resume: bool = False, force: bool 
         checkpoints.close()
         logger.close(step)
     _say(primary and not quiet, f"stopped at step {step} of {config.train.steps}; checkpoints in {out / 'checkpoints'}")
-    return RunResult(state=state, step=step, history=logger.history, losses=losses, product=recipe.product)
+    return RunResult(state=state, step=step, history=logger.history, losses=losses, product=recipe.product,
+                     step_peak_bytes=max(step_peak_bytes(c) for c in steps.values()))
 
 
 def _say(enabled: bool, text: str) -> None:
@@ -184,11 +188,12 @@ def _create_run_dir(config: Config, out: Path) -> None:
     (out / "config.json").write_text(json.dumps(_config_json(config), indent=2) + "\n")
 
 
-def _data_iterator(config: Config, batch_size: int, process_index: int, process_count: int):
-    """The training stream of `config` in global batches of batch_size, this process's rows."""
+def _data_iterator(config: Config, batch_size: int, process_index: int, process_count: int, latents: bool):
+    """The training stream of `config` in global batches of batch_size, this process's rows (captions
+    only without `latents`)."""
     m = config.model
     return train_batches(config.data, global_batch_size=batch_size, seed=config.seed,
-                         latent_shape=(m.sample_size, m.sample_size, m.in_channels),
+                         latent_shape=(m.sample_size, m.sample_size, m.in_channels) if latents else None,
                          caption_length=config.data.caption_length, caption_dim=m.caption_channels,
                          process_index=process_index, process_count=process_count)
 
@@ -201,13 +206,13 @@ class _Sampler:
     def __init__(self, config: Config, mesh, product: str):
         m, count = config.model, config.train.sample_count
         self.product = product
-        stream = _data_iterator(config, count, process_index=0, process_count=1)
+        stream = _data_iterator(config, count, process_index=0, process_count=1, latents=False)
         first = next(stream)
         stream.close()
         replicated = NamedSharding(mesh, PartitionSpec())
         self.caption = jax.device_put(first["caption"], replicated)
         self.mask = jax.device_put(first["caption_mask"], replicated)
-        self.noise = jax.device_put(np.asarray(jax.random.normal(
+        self.noise = jax.device_put(np.asarray(standard_normal(
             jax.random.key(config.sample.seed), (count, m.sample_size, m.sample_size, m.in_channels))), replicated)
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: SanaTransformer(m, precision=config.precision,
                                                                        rngs=nnx.Rngs(0))))

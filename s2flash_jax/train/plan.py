@@ -19,7 +19,7 @@ import numpy as np
 from s2flash_jax.parallel.mesh import make_mesh, tree_shardings
 from s2flash_jax.train.metrics import DEVICE_MEMORY
 from s2flash_jax.train.state import initialiser
-from s2flash_jax.train.step import compile_ahead
+from s2flash_jax.train.step import compile_ahead, step_peak_bytes
 
 GIB = 1 << 30
 
@@ -82,9 +82,7 @@ def plan_memory(config, device_kind: str, log: Callable[[str], None] | None = No
     compiled, _ = compile_ahead(setup.recipe, shardings, mesh, config, setup.abstract, log=log)
     temporaries, peaks = {}, {}
     for phase, c in compiled.items():
-        m = c.memory_analysis()
-        temporaries[phase] = int(m.temp_size_in_bytes)
-        peaks[phase] = int(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
-                           - m.alias_size_in_bytes)
+        temporaries[phase] = int(c.memory_analysis().temp_size_in_bytes)
+        peaks[phase] = step_peak_bytes(c)
     return MemoryPlan(mesh=dict(mesh.shape), device_kind=device_kind, capacity=DEVICE_MEMORY[device_kind],
                       held=held, temporaries=temporaries, step_peak=peaks)

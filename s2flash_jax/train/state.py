@@ -26,6 +26,7 @@ from s2flash_jax.parallel.mesh import tree_shardings
 from s2flash_jax.recipes.base import DistillState, Recipe
 from s2flash_jax.recipes.flow_matching import flow_matching
 from s2flash_jax.recipes.sana_sprint import discriminator_for, sana_sprint
+from s2flash_jax.recipes.tbcm import tbcm
 from s2flash_jax.train.optim import optimizer_from_config
 
 
@@ -86,29 +87,47 @@ def _build_flow_matching(config, seeds, teacher_params) -> tuple[Recipe, Distill
                          optimizer=optimizer_from_config(config.train, config.train.steps))
 
 
-def _build_sana_sprint(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
+def _student_and_teacher(config, seeds, teacher_params) -> tuple[SanaTransformer, SanaTransformer]:
     if config.teacher is None:
         raise ValueError("config.teacher is not set: distillation needs the teacher's architecture")
     student = SanaTransformer(config.model, precision=config.precision, rngs=nnx.Rngs(seeds[0]))
     teacher = SanaTransformer(config.teacher, precision=config.precision, rngs=nnx.Rngs(seeds[1]))
     if teacher_params is not None:
         nnx.update(teacher, teacher_params)
-    heads = discriminator_for(teacher, config.sana_sprint, rngs=nnx.Rngs(seeds[2]))
-    cycle = list(config.sana_sprint.cycle)
-    optimizers = {net: optimizer_from_config(config.train, _updates(config.train.steps, cycle, phase))
-                  for net, phase in (("student", "generator"), ("discriminator", "discriminator"))}
-    recipe, distill = sana_sprint(student, teacher, heads, _null_caption(config, config.teacher.caption_channels),
-                                  config=config.sana_sprint, optimizers=optimizers)
+    return student, teacher
+
+
+def _distilled_from_teacher(config, distill: DistillState) -> DistillState:
+    """The student started from the teacher's weights (unless the config says not), the teacher stored
+    in train.teacher_dtype."""
     if config.train.init_student_from_teacher:
         distill = distill.replace(params={**distill.params, "student": copy_shared(
             distill.frozen["teacher"], distill.params["student"])})
     if config.train.teacher_dtype == "bfloat16":
         distill = distill.replace(frozen={**distill.frozen, "teacher": jax.tree.map(
             lambda x: x.astype(jnp.bfloat16), distill.frozen["teacher"])})
-    return recipe, distill
+    return distill
 
 
-BUILDERS = {"sana_sprint": _build_sana_sprint, "flow_matching": _build_flow_matching}
+def _build_tbcm(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
+    student, teacher = _student_and_teacher(config, seeds, teacher_params)
+    recipe, distill = tbcm(student, teacher, _null_caption(config, config.teacher.caption_channels),
+                           config=config.tbcm, optimizer=optimizer_from_config(config.train, config.train.steps))
+    return recipe, _distilled_from_teacher(config, distill)
+
+
+def _build_sana_sprint(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
+    student, teacher = _student_and_teacher(config, seeds, teacher_params)
+    heads = discriminator_for(teacher, config.sana_sprint, rngs=nnx.Rngs(seeds[2]))
+    cycle = list(config.sana_sprint.cycle)
+    optimizers = {net: optimizer_from_config(config.train, _updates(config.train.steps, cycle, phase))
+                  for net, phase in (("student", "generator"), ("discriminator", "discriminator"))}
+    recipe, distill = sana_sprint(student, teacher, heads, _null_caption(config, config.teacher.caption_channels),
+                                  config=config.sana_sprint, optimizers=optimizers)
+    return recipe, _distilled_from_teacher(config, distill)
+
+
+BUILDERS = {"sana_sprint": _build_sana_sprint, "tbcm": _build_tbcm, "flow_matching": _build_flow_matching}
 
 
 def _build(config, teacher_params: nnx.State | None = None) -> tuple[Recipe, TrainState]:
@@ -147,7 +166,7 @@ def initialiser(config) -> Initialiser:
     abstract = jax.eval_shape(init)
     checkpoint = config.train.teacher_checkpoint
     if checkpoint:
-        if config.recipe != "sana_sprint":
+        if config.recipe == "flow_matching":
             raise CheckpointError(f"train.teacher_checkpoint is set but recipe {config.recipe!r} has no teacher")
         check_architecture(checkpoint, config.teacher)
     return Initialiser(box["recipe"], init, abstract, config)

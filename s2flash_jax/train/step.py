@@ -44,13 +44,16 @@ def compile_steps(recipe: Recipe, shardings: TrainState, mesh: Mesh, ema_decay: 
             for phase in recipe.phases}
 
 
-def abstract_batch(config, sharding: NamedSharding) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch a step of `config` (s2flash_jax.config.Config) takes, as shapes."""
+def abstract_batch(config, sharding: NamedSharding, latents: bool = True) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch a step of `config` (s2flash_jax.config.Config) takes, as shapes (captions
+    only without `latents`)."""
     m, b, length = config.model, config.train.batch_size, config.data.caption_length
-    return {"latents": jax.ShapeDtypeStruct((b, m.sample_size, m.sample_size, m.in_channels), jnp.float32,
-                                            sharding=sharding),
-            "caption": jax.ShapeDtypeStruct((b, length, m.caption_channels), jnp.float32, sharding=sharding),
-            "caption_mask": jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=sharding)}
+    batch = {"caption": jax.ShapeDtypeStruct((b, length, m.caption_channels), jnp.float32, sharding=sharding),
+             "caption_mask": jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=sharding)}
+    if latents:
+        batch["latents"] = jax.ShapeDtypeStruct((b, m.sample_size, m.sample_size, m.in_channels), jnp.float32,
+                                                sharding=sharding)
+    return batch
 
 
 def compile_ahead(recipe: Recipe, shardings: TrainState, mesh: Mesh, config, abstract: TrainState,
@@ -62,7 +65,7 @@ def compile_ahead(recipe: Recipe, shardings: TrainState, mesh: Mesh, config, abs
     blocks once) and split evenly over the mesh's devices.
     """
     state_spec = sharded_shapes(abstract, shardings)
-    batch_spec = abstract_batch(config, batch_sharding(mesh))
+    batch_spec = abstract_batch(config, batch_sharding(mesh), latents=recipe.needs_latents)
     compiled, flops = {}, {}
     for phase, fn in compile_steps(recipe, shardings, mesh, config.train.ema_decay).items():
         start = time.perf_counter()
@@ -73,3 +76,10 @@ def compile_ahead(recipe: Recipe, shardings: TrainState, mesh: Mesh, config, abs
         if log:
             log(f"compiled the {phase} step in {time.perf_counter() - start:.1f}s")
     return compiled, flops
+
+
+def step_peak_bytes(compiled: jax.stages.Compiled) -> int:
+    """Bytes a compiled step holds at its peak per device, by XLA's memory analysis: its arguments,
+    outputs and temporaries, less the outputs that reuse donated arguments."""
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)

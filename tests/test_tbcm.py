@@ -1,0 +1,179 @@
+"""TBCM: trajectory routes, the teacher's trajectories as training points, and image-free distillation."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from s2flash_jax.config import load_config
+from s2flash_jax.data.records import DataError
+from s2flash_jax.flows.flow_matching import classifier_free_guidance, shifted_times
+from s2flash_jax.flows.trajectories import reference_route, route_times, teacher_trajectory
+from s2flash_jax.flows.trigflow import MAX_TIME, SIGMA_DATA, flow_time, scm_sample, scm_timesteps
+from s2flash_jax.losses.scm import SCMConfig, consistency_loss
+from s2flash_jax.recipes.sana_sprint import SanaSprintConfig, SprintNetworks
+from s2flash_jax.recipes.tbcm import TBCMConfig, tbcm, trajectory_points
+from s2flash_jax.train.loop import train
+from tests.gaussian import DiagonalGaussian, time_mlp
+from tests.test_sana_sprint import CAPTION, networks
+from tests.tiny_data import write_tiny_dataset
+
+DATA = DiagonalGaussian(jnp.array([0.8, -0.4]), jnp.array([0.3, 1.2]))
+
+
+def gaussian_velocity(x, t):
+    """dx_t/dt of the exact Gaussian flow in TrigFlow scale (x = σ_d·x̂)."""
+    return SIGMA_DATA * DATA.trigflow_velocity(x / SIGMA_DATA, t)
+
+
+def test_reference_route_is_the_teachers_shifted_flow_schedule():
+    route = reference_route(8, shift=2.5)
+    assert route[0] == pytest.approx(MAX_TIME) and np.all(np.diff(route) < 0) and route[-1] > 0
+    np.testing.assert_allclose(flow_time(jnp.asarray(route)), shifted_times(8, 2.5)[:-1], atol=1e-5)
+    with pytest.raises(ValueError, match="at least 2"):
+        reference_route(1)
+
+
+@pytest.mark.parametrize("strategy", ["reference", "stratified", "sorted_lognormal"])
+def test_every_route_strategy_starts_at_pure_noise_and_decreases(strategy):
+    route = reference_route(6, 2.5)
+    for seed in range(20):
+        t = np.asarray(route_times(jax.random.key(seed), route, strategy))
+        assert t.shape == (6,) and t[0] == pytest.approx(MAX_TIME)
+        assert np.all(np.diff(t) < 0) and t[-1] > 0, t
+        if strategy == "stratified":  # one draw inside each interval of the reference route
+            upper = np.concatenate([route[:1], route[2:]])
+            assert np.all((t[1:] <= upper) & (t[1:] >= np.append(route[2:], 0.0))), (t, route)
+    assert not np.allclose(route_times(jax.random.key(0), route, "stratified"),
+                           route_times(jax.random.key(1), route, "stratified"))
+
+
+def test_trajectory_states_lie_on_the_exact_gaussian_ode():
+    """Every stored state's exact ODE endpoint is the trajectory's own x0 (to the route's discretisation
+    error, first order in the step: 0.01·σ_d at 256 steps); a state paired with another trajectory's x0
+    is far from it."""
+    times = reference_route(256, 1.0)
+    noise = SIGMA_DATA * jax.random.normal(jax.random.key(0), (512, 2))
+    states, velocities, x0 = teacher_trajectory(gaussian_velocity, noise, times)
+    assert states.shape == velocities.shape == (256, 512, 2)
+    np.testing.assert_allclose(velocities[10], gaussian_velocity(states[10], jnp.full((512,), times[10])), rtol=1e-5)
+    for i in (1, 64, 160, 255):
+        endpoint = SIGMA_DATA * DATA.ode_endpoint(states[i] / SIGMA_DATA, jnp.full((512,), times[i]))
+        np.testing.assert_allclose(endpoint, x0, atol=0.03 * SIGMA_DATA, err_msg=f"state {i}")
+        assert np.abs(endpoint - jnp.roll(x0, 1, axis=0)).mean() > 0.1 * SIGMA_DATA
+    # The samples themselves follow the data distribution.
+    np.testing.assert_allclose(np.mean(x0, 0) / SIGMA_DATA, DATA.mu, atol=0.1)
+    np.testing.assert_allclose(np.std(x0, 0) / SIGMA_DATA, DATA.sigma, rtol=0.1)
+
+
+@pytest.fixture(scope="module")
+def recipe_setup():
+    student, teacher, _ = networks()
+    config = TBCMConfig(SCMConfig(guidance_scales=(2.0, 4.0)), route_points=5, route_shift=2.0,
+                        route_strategy="reference", points_per_trajectory=3)
+    channels = teacher.config.caption_channels
+    recipe, state = tbcm(student, teacher, jnp.zeros((CAPTION, channels)), config, optax.adam(1e-3))
+    keys = jax.random.split(jax.random.key(6), 2)
+    batch = {"caption": jax.random.normal(keys[0], (4, CAPTION, channels)),
+             "caption_mask": jnp.ones((4, CAPTION), jnp.int32).at[::2, -1].set(0)}
+    graphs = SprintNetworks(nnx.graphdef(student), nnx.graphdef(teacher), None, SanaSprintConfig())
+    shape = (teacher.config.sample_size, teacher.config.sample_size, teacher.config.in_channels)
+    return recipe, state, batch, graphs, config, shape
+
+
+def test_recipe_points_reach_their_trajectorys_x0_when_the_teacher_continues_from_them(recipe_setup):
+    """Each training row (state, time, guidance scale, caption) is one the teacher visited: integrating
+    the guided teacher on from it along the rest of the route lands on that prompt's sample."""
+    _, state, batch, graphs, config, shape = recipe_setup
+    x_t, t, dxt_dt, w, rows, x0 = trajectory_points(graphs, state, batch, jax.random.key(3), config, shape)
+    b = batch["caption"].shape[0]
+    assert x_t.shape[0] == t.shape[0] == w.shape[0] == rows["caption"].shape[0] == 3 * b
+    route = reference_route(5, 2.0)
+    for row in range(3 * b):
+        start = int(np.argmin(np.abs(route - float(t[row]))))
+        assert start >= 1 and route[start] == pytest.approx(float(t[row]))
+        one = {"caption": rows["caption"][row:row + 1], "caption_mask": rows["caption_mask"][row:row + 1]}
+        np.testing.assert_array_equal(one["caption"][0], batch["caption"][row % b])
+        teacher_fn = graphs.teacher_fn(state, one)
+
+        def velocity(x, s, w_row=w[row:row + 1]):
+            return SIGMA_DATA * classifier_free_guidance(*teacher_fn(x / SIGMA_DATA, s), w_row)
+
+        np.testing.assert_allclose(velocity(x_t[row:row + 1], t[row:row + 1]), dxt_dt[row:row + 1], atol=1e-5)
+        *_, end = teacher_trajectory(velocity, x_t[row:row + 1], route[start:])
+        np.testing.assert_allclose(end[0], x0[row % b], atol=1e-4, err_msg=f"row {row}")
+
+
+def test_an_update_trains_the_student_from_captions_alone(recipe_setup):
+    recipe, state, batch, *_ = recipe_setup
+    assert not recipe.needs_latents and recipe.trains == ("student",)
+    new, metrics = jax.jit(lambda s, b: recipe.phase_update("generator", s, b, jax.random.key(0)))(state, batch)
+    assert np.isfinite(float(metrics["generator/loss"])) and float(metrics["generator/grad_norm"]) > 0
+    assert not all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(new.params["student"]),
+                                                                   jax.tree.leaves(state.params["student"])))
+    assert all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(new.frozen["teacher"]),
+                                                               jax.tree.leaves(state.frozen["teacher"])))
+
+
+def test_train_command_runs_tbcm_on_a_prompts_only_dataset(tmp_path):
+    """`s2flash train` with recipe=tbcm reads captions only: a dataset without a single latent."""
+    data = write_tiny_dataset(tmp_path / "prompts", num_records=16, prompts_only=True)
+    config = load_config("configs/tiny.py", [f"data.path={data}", "recipe=tbcm", "train.steps=2",
+                                             "train.checkpoint_every=0", "tbcm.route_points=3"])
+    result = train(config, tmp_path / "run", quiet=True)
+    assert result.step == 2 and np.isfinite(result.history[-1]["generator/loss"])
+    # The SANA-Sprint recipe needs latents, and says so.
+    with pytest.raises(DataError, match="no latent"):
+        train(dataclasses.replace(config, recipe="sana_sprint"), tmp_path / "run2", quiet=True)
+    assert not (tmp_path / "run2").exists()
+
+
+def test_tbcm_distilled_mlp_samples_the_gaussian_in_1_2_and_4_steps():
+    """Trained only on the analytic teacher's trajectories (9-point stratified routes, no data draws at
+    all), a small MLP student samples the target in 1, 2 and 4 steps: mean within 0.1 standard
+    deviations and standard deviation within 10 %, per dimension."""
+    params, mlp = time_mlp(jax.random.key(0))
+    config = SCMConfig(guidance_scales=(1.0,), tangent_warmup_steps=500)
+    route = reference_route(9, 2.5)
+    optimizer = optax.adam(1e-3)
+    prompts = 128
+
+    def student(p, x_hat, t, guidance):
+        return mlp(p, x_hat, t), jnp.zeros(x_hat.shape[0])
+
+    @jax.jit
+    def train(params):
+        def step(carry, i):
+            params, opt_state = carry
+            key = jax.random.fold_in(jax.random.key(1), i)
+            times = route_times(key, route, "stratified")
+            noise = SIGMA_DATA * jax.random.normal(jax.random.fold_in(key, 7), (prompts, 2))
+            states, velocities, _ = teacher_trajectory(gaussian_velocity, noise, times)
+            x_t, dxt_dt = states[1:].reshape(-1, 2), velocities[1:].reshape(-1, 2)
+            t = jnp.repeat(times[1:], prompts)
+            grads = jax.grad(lambda p: consistency_loss(student, p, x_t, t, dxt_dt, jnp.ones_like(t), i, config)[0])(
+                params)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), None
+
+        return jax.lax.scan(step, (params, optimizer.init(params)), jnp.arange(6000))[0][0]
+
+    params = train(params)
+    noise = jax.random.normal(jax.random.key(5), (20000, 2))
+    for steps in (1, 2, 4):
+        x = np.asarray(scm_sample(lambda x, t: mlp(params, x, t), noise, jax.random.key(6),
+                                  scm_timesteps(steps))) / SIGMA_DATA
+        assert np.all(np.abs(x.mean(0) - DATA.mu) < 0.1 * DATA.sigma), (steps, x.mean(0))
+        np.testing.assert_allclose(x.std(0), DATA.sigma, rtol=0.1, err_msg=f"{steps}-step std")
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="route_strategy"):
+        TBCMConfig(route_strategy="uniform")
+    with pytest.raises(ValueError, match="points_per_trajectory"):
+        TBCMConfig(route_points=4, points_per_trajectory=4)
+    assert TBCMConfig(route_points=4).points == 3 and dataclasses.replace(TBCMConfig(), points_per_trajectory=2).points == 2
