@@ -15,15 +15,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from conversion.errors import ConversionError
 from conversion.layouts import CONV1X1, COPY, DEPTHWISE, LINEAR, Layout
-from conversion.safetensors_io import FLOAT_DTYPES
-from conversion.sana_diffusers import Row, ShapeProblems
-from conversion.sources import DiffusersFolder, TensorSource, open_diffusers
+from conversion.sana_diffusers import Row
+from conversion.sources import DiffusersFolder, TensorSource, check_tensors, fill_params, open_diffusers
 from s2flash_jax.models.dc_ae import DCAEConfig, DCAutoencoder
 from s2flash_jax.models.params import flat_params, param_paths
 from s2flash_jax.precision import Precision
@@ -138,19 +136,10 @@ def dc_ae_from_source(config: DCAEConfig, source: TensorSource, precision: Preci
     """A DCAutoencoder whose parameters are read from `source` (diffusers names and layouts), one tensor
     at a time and cast to precision.param. Every source tensor must fill exactly one parameter: one
     ConversionError names the missing, unexpected and mis-shaped keys, or non-float tensors."""
-    expected = expected_torch_shapes(config)
-    problems = ShapeProblems.compare(expected, {key: source.spec(key).shape for key in source.keys()})
-    if problems:
-        raise ConversionError(f"{what} does not fit an AutoencoderDC of its config: {problems.summary()}")
-    not_float = [f"{key} ({source.spec(key).dtype})" for key in expected if source.spec(key).dtype not in FLOAT_DTYPES]
-    if not_float:
-        raise ConversionError(f"{what}: expected floating-point weights, found {', '.join(not_float[:3])}")
-    # Built abstract and filled in place: the weights are held once, not also as a random init.
+    check_tensors(source, expected_torch_shapes(config), what, "{what} does not fit an AutoencoderDC of its config: "
+                  "{problems}")
     model = nnx.eval_shape(lambda: DCAutoencoder(config, precision=precision, rngs=nnx.Rngs(0)))
-    variables = {"/".join(map(str, path)): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    for row in key_table(config):
-        variables[row.jax_path].set_value(jnp.asarray(row.layout.to_jax(source.read(row.torch_key)), precision.param))
-    return model
+    return fill_params(model, key_table(config), source, precision.param)
 
 
 def load_dc_ae(path: str | Path, precision: Precision | None = None) -> DCAutoencoder:

@@ -22,9 +22,9 @@ from flax import nnx
 from conversion.errors import ConversionError
 from conversion.importer import aligned_empty, nest
 from conversion.layouts import COPY, LINEAR
-from conversion.safetensors_io import FLOAT_DTYPES, SafetensorsFile, SafetensorsFiles, weight_files
-from conversion.sana_diffusers import Row, ShapeProblems, tensor_keys
-from conversion.sources import read_json_object
+from conversion.safetensors_io import SafetensorsFile, SafetensorsFiles, weight_files
+from conversion.sana_diffusers import Row, tensor_keys
+from conversion.sources import check_tensors, read_json_object
 from s2flash_jax.data.captions import SANA_CHI_PROMPT, FastTokenizer
 from s2flash_jax.models.gemma2 import CaptionEncoder, Gemma2Config, Gemma2Model
 from s2flash_jax.models.params import param_paths
@@ -97,13 +97,8 @@ def load_gemma2(path: str | Path, *, precision: Precision = FP32) -> Gemma2Model
         for key, block in tensor_keys(row, config.num_hidden_layers):
             shape = shapes[row.jax_path] if block is None else shapes[row.jax_path][1:]
             expected[prefix + key] = tuple(row.layout.torch_shape(shape))
-    problems = ShapeProblems.compare(expected, {key: source.spec(key).shape for key in keys})
-    if problems:
-        raise ConversionError(f"{folder}: the weights do not fit the Gemma-2 of its config.json: "
-                              f"{problems.summary(SHOWN_PROBLEMS)}")
-    not_float = [f"{key} ({source.spec(key).dtype})" for key in expected if source.spec(key).dtype not in FLOAT_DTYPES]
-    if not_float:
-        raise ConversionError(f"{folder}: expected floating-point weights, found {', '.join(not_float[:3])}")
+    check_tensors(source, expected, str(folder), "{what}: the weights do not fit the Gemma-2 of its config.json: "
+                  "{problems}", keys=keys, shown=SHOWN_PROBLEMS)
 
     dtype = np.dtype(precision.param)
     buffers = {path: aligned_empty(shape, dtype) for path, shape in shapes.items()}

@@ -19,11 +19,11 @@ import numpy as np
 
 from conversion.errors import ConversionError
 from conversion.layouts import Layout
-from conversion.safetensors_io import FLOAT_DTYPES
-from conversion.sana_diffusers import Row, ShapeProblems, key_table, param_shapes, tensor_keys
+from conversion.sana_diffusers import Row, key_table, param_shapes, tensor_keys
 from conversion.sana_original import (NULL_CAPTION, POS_EMBED, check_pos_embed, infer_config, load_config_arg,
                                       original_rows)
-from conversion.sources import (DIFFUSERS, SANA, TensorSource, check_format, open_diffusers, open_original)
+from conversion.sources import (DIFFUSERS, SANA, TensorSource, check_format, check_tensors, open_diffusers,
+                                open_original)
 from s2flash_jax.model_checkpoint import save_model
 from s2flash_jax.models.sana import SanaConfig
 from s2flash_jax.outputs import OutputExists
@@ -90,15 +90,8 @@ def original_plan(config: SanaConfig) -> ImportPlan:
 
 def check_source(source: TensorSource, plan: ImportPlan, extras: tuple[str, ...], what: str) -> None:
     """One-line ConversionError if the source's tensors are not exactly the plan's (+ extras)."""
-    found = {key: source.spec(key).shape for key in source.keys() if key not in extras}
-    problems = ShapeProblems.compare(plan.expected, found)
-    if problems:
-        raise ConversionError(f"{what} does not fit the model: {problems.summary()} "
-                              f"(`s2flash convert inspect` lists every key)")
-    not_float = [f"{key} ({source.spec(key).dtype})" for key in plan.expected
-                 if source.spec(key).dtype not in FLOAT_DTYPES]
-    if not_float:
-        raise ConversionError(f"{what}: expected floating-point weights, found {', '.join(not_float[:3])}")
+    check_tensors(source, plan.expected, what, "{what} does not fit the model: {problems} (`s2flash convert inspect` "
+                  "lists every key)", keys=[key for key in source.keys() if key not in extras])
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64) -> np.ndarray:

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from flax import nnx
 
 from conversion.errors import ConversionError
-from conversion.safetensors_io import SafetensorsFile, SafetensorsFiles, TensorSpec, weight_files
+from conversion.safetensors_io import FLOAT_DTYPES, SafetensorsFile, SafetensorsFiles, TensorSpec, weight_files
+from conversion.sana_diffusers import Row, ShapeProblems
 
 DIFFUSERS = "diffusers"
 SANA = "sana"
@@ -35,6 +39,29 @@ class TensorSource(Protocol):
     def spec(self, name: str) -> TensorSpec: ...
 
     def read(self, name: str) -> np.ndarray: ...
+
+
+def check_tensors(source: TensorSource, expected: Mapping[str, tuple[int, ...]], what: str, mismatch: str, *,
+                  keys: Iterable[str] | None = None, shown: int = 2) -> None:
+    """One ConversionError if the source's tensors (`keys`, default all) are not exactly `expected`
+    (torch key -> shape) or are not floating point. mismatch: the message's form, with {what} and
+    {problems} (the missing, unexpected and mis-shaped keys, counted, the first `shown` of each)."""
+    found = {key: source.spec(key).shape for key in (source.keys() if keys is None else keys)}
+    problems = ShapeProblems.compare(expected, found)
+    if problems:
+        raise ConversionError(mismatch.format(what=what, problems=problems.summary(shown)))
+    not_float = [f"{key} ({source.spec(key).dtype})" for key in expected if source.spec(key).dtype not in FLOAT_DTYPES]
+    if not_float:
+        raise ConversionError(f"{what}: expected floating-point weights, found {', '.join(not_float[:3])}")
+
+
+def fill_params(model: nnx.Module, rows: Sequence[Row], source: TensorSource, dtype: Any) -> nnx.Module:
+    """Set each row's parameter of `model` (built with nnx.eval_shape: no random weights are made and
+    thrown away) from its source tensor, in the JAX layout and `dtype`, one tensor at a time."""
+    variables = {"/".join(map(str, path)): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    for row in rows:
+        variables[row.jax_path].set_value(jnp.asarray(row.layout.to_jax(source.read(row.torch_key)), dtype))
+    return model
 
 
 @dataclasses.dataclass

@@ -15,6 +15,7 @@ import jax
 
 from s2flash_jax.config import ConfigError, load_config
 from s2flash_jax.data.precompute import add_precompute_arguments, run_precompute
+from s2flash_jax.eval.run import add_eval_arguments
 from s2flash_jax.outputs import OutputExists
 from s2flash_jax.train.metrics import DEVICE_MEMORY
 
@@ -111,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "--backend torch (default) runs diffusers/transformers and needs the [torch] extra; --backend jax "
                     "runs the JAX ports on the same folders without torch. Resumable with --resume.")
     add_precompute_arguments(precompute)
+
+    evaluate = commands.add_parser(
+        "eval", help="generate a prompt set at several step counts and score it: FID, patch FID, CLIP score",
+        description="Generate MJHQ-30K / GenEval / a prompt file's prompts with a model checkpoint at each --steps "
+                    "count, score them in JAX (FID and patch FID with pytorch-fid's InceptionV3 against --ref-stats "
+                    "or --ref-images; CLIP score with a transformers CLIP folder) and write metrics.md and "
+                    "metrics.json; --export also writes the images in the layout the official GenEval / MJHQ "
+                    "evaluators read. Every file is local: see docs/evaluation.md.")
+    add_eval_arguments(evaluate)
     _add_convert_parser(commands)
     return parser
 
@@ -210,6 +220,17 @@ def _sana_components(args: argparse.Namespace) -> tuple[dict, dict]:
     return components, sources
 
 
+def _run_eval(args: argparse.Namespace) -> int:
+    # conversion/'s readers load the scoring networks: they read safetensors / .npz without torch
+    # (only pytorch-fid's original .pth goes through torch).
+    from conversion.clip import load_clip_scorer
+    from conversion.inception import load_inception
+    from s2flash_jax.eval.run import ScoringModels, run_eval_command
+
+    components, sources = _sana_components(args) if args.ckpt else ({}, {})
+    return run_eval_command(args, ScoringModels(load_inception, load_clip_scorer), sources=sources, **components)
+
+
 def mesh_overrides(spec: str) -> list[str]:
     """"data=2,fsdp=4" -> ["mesh.data=2", "mesh.fsdp=4"]."""
     items = [item.strip() for item in spec.split(",") if item.strip()]
@@ -238,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "convert":
             return _run_convert(args)
+        if args.command == "eval":
+            return _run_eval(args)
         if args.command == "demo":
             from s2flash_jax.demo import run_shapes_demo
 

@@ -284,20 +284,27 @@ def run_sample_checkpoint(ckpt: str | Path, prompts: Sequence[str], *, out: str 
                 "guidance_scale": pipeline.guidance_scale, "batch_size": batch}
     if single:
         with fresh_output_file(out, force=force) as staging:
-            _save_png(images[0], staging, prompts[0], {**settings, "index": 0})
+            save_png(images[0], staging, prompts[0], {**settings, "index": 0})
         written = [out]
     else:
         with fresh_output_dir(out, force=force) as staging:
             for i, (image, text) in enumerate(zip(images, prompts)):
-                _save_png(image, staging / f"{i:04d}.png", text, {**settings, "index": i})
+                save_png(image, staging / f"{i:04d}.png", text, {**settings, "index": i})
         written = [out / f"{i:04d}.png" for i in range(len(prompts))]
     print(f"sampled {len(prompts)} image(s) in {steps} step(s), {timings['seconds']:.2f}s after compilation; "
           f"wrote {out}", flush=True)
     return written
 
 
-def _save_png(image: np.ndarray, path: Path, prompt: str, settings: dict) -> None:
+def quantize(images: np.ndarray) -> np.ndarray:
+    """Images [..., 3] in [0, 1] -> uint8, as `save_png` stores them (metrics computed on these equal
+    metrics computed on the written files)."""
+    return (np.clip(np.asarray(images, np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def save_png(image: np.ndarray, path: Path, prompt: str, settings: dict) -> None:
+    """image [H, W, 3] in [0, 1] -> a PNG carrying its prompt and sampling settings in text chunks."""
     info = PngInfo()
     info.add_text("prompt", prompt)
     info.add_text("s2flash", json.dumps(settings))
-    Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(path, pnginfo=info)
+    Image.fromarray(quantize(image)).save(path, pnginfo=info)

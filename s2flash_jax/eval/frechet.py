@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import os
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import scipy.linalg
 from flax import nnx, serialization
 
 from s2flash_jax.data.shapes import COLOURS, POSITIONS, SHAPES, SIZES, Scene, heldout_scenes, render_batch, scenes
@@ -193,25 +191,43 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
         raise ValueError(f"feature sets have shapes {a.shape} and {b.shape}; expected [N, F] and [M, F] with N, M >= 2")
-    mean_a, mean_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    with warnings.catch_warnings():
-        # Singular covariances are common (dead units, fewer images than features) and sqrtm is still
-        # accurate on them; a result that is not is caught below.
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        root = scipy.linalg.sqrtm(cov_a @ cov_b)
-        if not np.isfinite(root).all():
-            # A tiny ridge makes both covariances definite, as in the reference FID code.
-            ridge = 1e-6 * np.eye(len(cov_a))
-            root = scipy.linalg.sqrtm((cov_a + ridge) @ (cov_b + ridge))
-    if np.iscomplexobj(root):
-        # The exact root of a product of covariances is real; rounding leaves a tiny imaginary part.
-        if not np.allclose(np.diagonal(root).imag, 0, atol=1e-3 * max(1.0, np.abs(root).max())):
-            raise ValueError(f"(S_a S_b)^(1/2) has an imaginary part of {np.abs(root.imag).max():.3g}; "
-                             "the covariances are not positive semi-definite")
-        root = root.real
-    distance = np.sum((mean_a - mean_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(root)
+    return frechet_distance_from_statistics(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
+def frechet_distance_from_statistics(mean_a: np.ndarray, cov_a: np.ndarray, mean_b: np.ndarray,
+                                     cov_b: np.ndarray) -> float:
+    """The Fréchet distance between N(mean_a [F], cov_a [F, F]) and N(mean_b, cov_b), in float64."""
+    mean_a, mean_b = np.asarray(mean_a, np.float64), np.asarray(mean_b, np.float64)
+    cov_a, cov_b = np.asarray(cov_a, np.float64), np.asarray(cov_b, np.float64)
+    dim = len(mean_a)
+    if mean_a.shape != (dim,) or mean_b.shape != (dim,) or cov_a.shape != (dim, dim) or cov_b.shape != (dim, dim):
+        raise ValueError(f"statistics have shapes {mean_a.shape}, {cov_a.shape} and {mean_b.shape}, {cov_b.shape}; "
+                         "expected [F], [F, F] for both")
+    distance = np.sum((mean_a - mean_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt_product(cov_a, cov_b)
     return float(max(distance, 0.0))
+
+
+def trace_sqrt_product(cov_a: np.ndarray, cov_b: np.ndarray) -> float:
+    """tr (cov_a cov_b)^(1/2) for symmetric positive semi-definite [F, F] matrices, in float64.
+
+    cov_a cov_b is similar to R cov_b R with R = cov_a^(1/2) (R⁻¹ (R² cov_b) R), a symmetric PSD
+    matrix, so its root's trace is the sum of the roots of that matrix's eigenvalues: two symmetric
+    eigendecompositions instead of pytorch-fid's scipy.linalg.sqrtm of the non-symmetric product
+    (about 4x faster at F = 2048, benchmarks/frechet.py, and exact for singular covariances, which sqrtm needs a ridge
+    for). Rounding can leave eigenvalues of order −1e-12 where the exact ones are 0; they count as 0.
+    """
+    def psd_eigh(matrix, name):
+        values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+        if values[0] < -1e-6 * max(values[-1], 1e-300):
+            raise ValueError(f"{name} is not positive semi-definite (eigenvalue {values[0]:.3g}, largest "
+                             f"{values[-1]:.3g}); expected a covariance")
+        return np.clip(values, 0.0, None), vectors
+
+    values, vectors = psd_eigh(cov_a, "the first covariance")
+    psd_eigh(cov_b, "the second covariance")
+    root_a = (vectors * np.sqrt(values)) @ vectors.T
+    product = root_a @ cov_b @ root_a
+    return float(np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((product + product.T) / 2), 0.0, None))))
 
 
 def save_feature_net(net: FeatureNet, path: str | Path) -> None:

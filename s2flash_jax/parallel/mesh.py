@@ -110,6 +110,23 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
 
+def padded_batches(arrays: Sequence[np.ndarray], batch_size: int, devices: int):
+    """Consecutive batches of the rows of `arrays` (all of one length N), for a jitted function split
+    over `devices`: yields (the batch's arrays, its number of real rows). Full batches have
+    batch_size rows (a multiple of devices); the last is padded with copies of its last row to the
+    smallest devices·2^k that holds it, so a small set is not padded to a whole batch and at most
+    log2(batch_size / devices) + 1 shapes are ever compiled."""
+    total = len(arrays[0])
+    for start in range(0, total, batch_size):
+        count = min(batch_size, total - start)
+        size = devices
+        while size < count:
+            size *= 2
+        size = min(size, batch_size)
+        yield [np.concatenate([a[start:start + count], np.repeat(a[start + count - 1:start + count], size - count, 0)])
+               for a in arrays], count
+
+
 def sharded_init(build: Callable[[], M], mesh: Mesh,
                  rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_AXIS_RULES) -> M:
     """build() run under jit with every variable created directly in its shard on `mesh`."""
