@@ -109,14 +109,25 @@ class Statistics:
                    patches.cov if has_patches else None, patches.count if has_patches else 0, dict(meta or {}))
 
 
+def convention_mismatch(reference_meta: dict[str, Any], meta: dict[str, Any], *,
+                        patches: bool) -> tuple[str, Any, Any] | None:
+    """(key, the reference's value, the other's) of the first convention (the resize mode; the patch
+    layout too when patches) on which two statistics' meta disagree where both say; None if none."""
+    for key in ("resize", "patch_layout") if patches else ("resize",):
+        theirs, mine = reference_meta.get(key), meta.get(key)
+        if mine is not None and theirs is not None and mine != theirs:
+            return key, theirs, mine
+    return None
+
+
 def fid(generated: Statistics, reference: Statistics, *, patches: bool = False) -> float:
     """FID of the generated set against the reference one (patch FID with patches=True); a
     StatisticsError if the two were made under different conventions or a side lacks patches."""
-    for key in ("resize", "patch_layout") if patches else ("resize",):
-        mine, theirs = generated.meta.get(key), reference.meta.get(key)
-        if mine is not None and theirs is not None and mine != theirs:
-            raise StatisticsError(f"the reference statistics were made with {key}={theirs!r}, these with {mine!r}; "
-                                  "FIDs are only comparable under one convention")
+    mismatch = convention_mismatch(reference.meta, generated.meta, patches=patches)
+    if mismatch:
+        key, theirs, mine = mismatch
+        raise StatisticsError(f"the reference statistics were made with {key}={theirs!r}, these with {mine!r}; "
+                              "FIDs are only comparable under one convention")
     if patches:
         if reference.patch_mean is None or generated.patch_mean is None:
             raise StatisticsError("patch FID needs patch statistics on both sides; the reference statistics have "

@@ -31,7 +31,8 @@ from tqdm import tqdm
 from s2flash_jax.config import ConfigError
 from s2flash_jax.data.precompute import IMAGE_EXTENSIONS
 from s2flash_jax.eval import export as prompt_sets
-from s2flash_jax.eval.fid import FeatureStatistics, Statistics, StatisticsError, fid, load_statistics, save_statistics
+from s2flash_jax.eval.fid import (FeatureStatistics, Statistics, StatisticsError, convention_mismatch, fid,
+                                  load_statistics, save_statistics)
 from s2flash_jax.eval.inception import (CLEAN, FEATURES, INPUT_SIZE, PATCH_LAYOUTS, RESIZE_MODES, InceptionFeatures,
                                         crop_patches, patch_origins)
 from s2flash_jax.outputs import OutputExists, fresh_output_dir
@@ -192,15 +193,15 @@ def run_eval(ckpt: str | Path, kind: str, entries: Sequence[prompt_sets.PromptEn
 
 
 def _check_comparable(reference: Statistics, extractor: InceptionFeatures, patch_layout: str | None) -> None:
-    """Refuse, before generating anything, a reference made under another convention."""
-    for key, mine in (("resize", extractor.resize), ("patch_layout", patch_layout)):
-        theirs = reference.meta.get(key)
-        if key == "patch_layout" and (mine is None or reference.patch_mean is None):
-            continue
-        if theirs is not None and theirs != mine:
-            raise ConfigError(f"the reference statistics were made with {key}={theirs!r}, this run uses {mine!r}; "
-                              f"pass --{'fid-resize' if key == 'resize' else 'patch-fid'} {theirs} or make new "
-                              "reference statistics")
+    """Refuse, before generating anything, a reference made under another convention than `fid` will
+    find this run's statistics made under."""
+    mismatch = convention_mismatch(reference.meta, fid_meta(extractor, patch_layout),
+                                   patches=patch_layout is not None and reference.patch_mean is not None)
+    if mismatch:
+        key, theirs, mine = mismatch
+        raise ConfigError(f"the reference statistics were made with {key}={theirs!r}, this run uses {mine!r}; "
+                          f"pass --{'fid-resize' if key == 'resize' else 'patch-fid'} {theirs} or make new "
+                          "reference statistics")
 
 
 def _evaluate_setting(pipeline, kind, entries, prompts, steps, per_prompt, options, batch, extractor, reference, clip,
