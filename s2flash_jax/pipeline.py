@@ -39,7 +39,7 @@ from s2flash_jax.models.sana import SanaConfig, SanaTransformer
 from s2flash_jax.models.space_to_depth import SpaceToDepthAutoencoder, SpaceToDepthConfig
 from s2flash_jax.models.text_encoder import FrozenTextEncoder
 from s2flash_jax.outputs import fresh_output_dir, fresh_output_file
-from s2flash_jax.parallel.mesh import MeshConfig, batch_sharding, make_mesh
+from s2flash_jax.parallel.mesh import MeshConfig, batch_sharding, make_mesh, pad_rows
 from s2flash_jax.precision import FP32, Precision
 from s2flash_jax.sampling import few_step_sample
 
@@ -236,7 +236,7 @@ class TextToImage:
         images, seconds = [], 0.0
         for start in range(0, len(prompts), batch):
             n = min(batch, len(prompts) - start)
-            batch_noise, batch_ids, batch_mask = (jax.device_put(_padded(x[start:start + n], batch), self._batch)
+            batch_noise, batch_ids, batch_mask = (jax.device_put(pad_rows(x[start:start + n], batch), self._batch)
                                                   for x in (noise, ids, mask))
             embed, sampler, decode, null_caption = self._stages(steps, batch, batch_ids, batch_mask, batch_noise)
             key = jax.device_put(batch_key(seed, start), self._replicated)
@@ -248,11 +248,6 @@ class TextToImage:
         if timings is not None:
             timings.update(seconds=seconds, images=len(prompts))
         return np.concatenate(images)
-
-
-def _padded(rows: np.ndarray, size: int) -> np.ndarray:
-    """rows [n, ...] followed by copies of the last one up to [size, ...]."""
-    return np.concatenate([rows, np.repeat(rows[-1:], size - len(rows), axis=0)]) if len(rows) < size else rows
 
 
 def run_sample_checkpoint(ckpt: str | Path, prompts: Sequence[str], *, out: str | Path, steps: int, seed: int = 0,

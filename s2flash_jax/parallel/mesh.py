@@ -110,6 +110,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
 
+def pad_rows(rows: np.ndarray, size: int) -> np.ndarray:
+    """rows [n, ...] followed by copies of the last one up to [size, ...]."""
+    return np.concatenate([rows, np.repeat(rows[-1:], size - len(rows), axis=0)]) if len(rows) < size else rows
+
+
 def padded_batches(arrays: Sequence[np.ndarray], batch_size: int, devices: int):
     """Consecutive batches of the rows of `arrays` (all of one length N), for a jitted function split
     over `devices`: yields (the batch's arrays, its number of real rows). Full batches have
@@ -123,8 +128,7 @@ def padded_batches(arrays: Sequence[np.ndarray], batch_size: int, devices: int):
         while size < count:
             size *= 2
         size = min(size, batch_size)
-        yield [np.concatenate([a[start:start + count], np.repeat(a[start + count - 1:start + count], size - count, 0)])
-               for a in arrays], count
+        yield [pad_rows(a[start:start + count], size) for a in arrays], count
 
 
 def sharded_init(build: Callable[[], M], mesh: Mesh,
