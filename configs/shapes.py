@@ -3,6 +3,7 @@ on 32x32 procedural shape images, sized to run end to end on a laptop CPU.
 
 Variants: `configs/shapes.py` distils the student (sCM + LADD) from `train.teacher_checkpoint`;
 `configs/shapes.py:tbcm` distils it image-free on the teacher's trajectories (TBCM, prompts only);
+`configs/shapes.py:twinflow` turns a copy of the teacher into a few-step model (TwinFlow, no teacher);
 `configs/shapes.py:teacher` trains the teacher with flow matching; add `,quick` to any for the
 short run the tests use. Latents are the lossless space-to-depth "autoencoder" of the images
 (factor 2: 16x16x12), captions the frozen word-level text encoder's 20 x 64 embeddings; `s2flash
@@ -30,6 +31,7 @@ from s2flash_jax.config import Config, SampleConfig, TrainConfig
 from s2flash_jax.data.pipeline import DataConfig
 from s2flash_jax.losses.ladd import LADDConfig
 from s2flash_jax.losses.scm import SCMConfig
+from s2flash_jax.losses.twinflow import TwinFlowConfig
 from s2flash_jax.models.sana import SanaConfig
 from s2flash_jax.precision import Precision
 from s2flash_jax.recipes.flow_matching import FlowMatchingConfig
@@ -66,6 +68,7 @@ TEACHER = SanaConfig(
     timestep_scale=0.001,  # the Sprint teacher's dense time embedding: the embedder sees s itself
 )
 STUDENT = dataclasses.replace(TEACHER, guidance_embeds=True, timestep_scale=1.0, logvar_head=True)
+TWINFLOW = dataclasses.replace(TEACHER, twinflow_embeds=True)
 
 # (teacher steps, student steps) for the full demo and for --quick.
 STEPS = {"full": (1200, 160), "quick": (100, 20)}
@@ -73,9 +76,9 @@ STEPS = {"full": (1200, 160), "quick": (100, 20)}
 
 def get_config(arg=None):
     tokens = [t for t in (arg or "").split(",") if t]
-    unknown = set(tokens) - {"teacher", "tbcm", "quick"}
-    if unknown or {"teacher", "tbcm"} <= set(tokens):
-        raise ValueError(f"variant {arg!r}: expected at most one of 'teacher' / 'tbcm', and/or 'quick'")
+    recipes = {"teacher", "tbcm", "twinflow"}
+    if set(tokens) - recipes - {"quick"} or len(set(tokens) & recipes) > 1:
+        raise ValueError(f"variant {arg!r}: expected at most one of 'teacher' / 'tbcm' / 'twinflow', and/or 'quick'")
     teacher_steps, student_steps = STEPS["quick" if "quick" in tokens else "full"]
     batch_size = 8 if "quick" in tokens else 32  # --quick only checks that every stage runs
     train = dict(batch_size=batch_size, optimizer="adamw", clip_norm=1.0, ema_decay=0.99, log_every=50,
@@ -91,6 +94,16 @@ def get_config(arg=None):
                       train=TrainConfig(steps=teacher_steps, learning_rate=3e-3, schedule="cosine",
                                         warmup_steps=min(100, teacher_steps // 10), end_learning_rate=1e-5, **train),
                       **common)
+    if "twinflow" in tokens:
+        # No teacher: the student starts as the flow model itself and is its own target (EMA). Guidance is
+        # baked in, target + ratio·(cond − uncond): ratio 2 is the teacher's scale 3 when the EMA is the flow
+        # model. Sampled on the teacher's own shifted schedule.
+        return Config(
+            model=TWINFLOW, teacher=TEACHER, recipe="twinflow",
+            train=TrainConfig(steps=student_steps, learning_rate=2e-4, warmup_steps=min(50, student_steps // 10),
+                              **train),
+            twinflow=TwinFlowConfig(guidance_ratio=GUIDANCE_SCALE - 1.0),
+            **common)
     common["sample"] = dataclasses.replace(common["sample"], flow_shift=STUDENT_FLOW_SHIFT)
     scm = SCMConfig(p_mean=1.3, guidance_scales=(GUIDANCE_SCALE,), tangent_warmup_steps=min(200, student_steps // 5))
     if "tbcm" in tokens:

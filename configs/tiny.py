@@ -1,7 +1,8 @@
 """A tiny SANA-Sprint-shaped run for tests, demos and CPU smoke runs (random weights).
 
 Variants: `configs/tiny.py` (student: guidance embedding, QK-norm, logvar head; its teacher is the
-`:teacher` model), `configs/tiny.py:teacher` (flow teacher: no guidance embedding, no logvar head).
+`:teacher` model), `configs/tiny.py:teacher` (flow teacher: no guidance embedding, no logvar head),
+`configs/tiny.py:twinflow` (a TwinFlow student of that teacher: target- and negative-time embeddings).
 Training reads precomputed records with 8x8x4 latents and 8-token, 32-wide captions from
 `data.path` (set it on the command line).
 """
@@ -36,14 +37,17 @@ STUDENT = SanaConfig(
 )
 # Sprint conventions: the teacher's SanaPipeline feeds 1000·s·0.001 = s (dense time embedding).
 TEACHER = dataclasses.replace(STUDENT, guidance_embeds=False, timestep_scale=0.001, logvar_head=False)
+TWINFLOW = dataclasses.replace(TEACHER, twinflow_embeds=True)
+MODELS = {None: (STUDENT, TEACHER, "sana_sprint"), "teacher": (TEACHER, None, "flow_matching"),
+          "twinflow": (TWINFLOW, TEACHER, "twinflow")}
 
 
 def get_config(arg=None):
-    if arg not in (None, "teacher"):
-        raise ValueError(f"unknown variant {arg!r}; expected none or 'teacher'")
+    if arg not in MODELS:
+        raise ValueError(f"unknown variant {arg!r}; expected none, 'teacher' or 'twinflow'")
+    model, teacher, recipe = MODELS[arg]
     return Config(
-        model=TEACHER if arg == "teacher" else STUDENT,
-        teacher=None if arg == "teacher" else TEACHER,
+        model=model, teacher=teacher, recipe=recipe,
         precision=Precision(param_dtype="float32", compute_dtype="float32"),
         sample=SampleConfig(steps=4, batch_size=4, height=8, width=8),
         train=TrainConfig(steps=100, batch_size=8, learning_rate=1e-4, log_every=10, checkpoint_every=50),

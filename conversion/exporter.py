@@ -187,6 +187,10 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, dtype: str | None = 
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     config = read_model_config(ckpt)
+    if config.twinflow_embeds:
+        raise ConversionError(f"{ckpt} is a TwinFlow student (twinflow_embeds=True): its target-time and "
+                              "negative-time embeddings have no place in diffusers' SanaTransformer2DModel, which "
+                              "would sample it as a plain flow model; sample it with `s2flash sample` instead")
     index = None if pipeline is None else check_teacher_pipeline(Path(pipeline), config)
     with fresh_output_dir(out, force=force) as staging:
         transformer = staging if pipeline is None else staging / "transformer"

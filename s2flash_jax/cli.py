@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--force", action="store_true", help="delete an existing demo directory and start over")
     demo.add_argument("--recipe", default="sana-sprint", metavar="NAMES",
                       help="distillation recipe(s), comma-separated, one set of rows each: sana-sprint (sCM + LADD "
-                           "on the rendered images) and/or tbcm (image-free, on the teacher's trajectories); "
-                           "default sana-sprint")
+                           "on the rendered images), tbcm (image-free, on the teacher's trajectories), twinflow "
+                           "(no teacher, no discriminator: the model's own twin branch); default sana-sprint")
 
     precompute = commands.add_parser(
         "precompute", help="encode an image folder with captions into training shards (DC-AE + text encoder)",

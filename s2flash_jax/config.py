@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from s2flash_jax.data.pipeline import DataConfig
+from s2flash_jax.losses.twinflow import TwinFlowConfig
 from s2flash_jax.models.sana import SanaConfig
 from s2flash_jax.parallel.mesh import MeshConfig
 from s2flash_jax.precision import Precision
@@ -25,7 +26,7 @@ from s2flash_jax.recipes.flow_matching import FlowMatchingConfig
 from s2flash_jax.recipes.sana_sprint import SanaSprintConfig
 from s2flash_jax.recipes.tbcm import TBCMConfig
 
-RECIPES = ("sana_sprint", "tbcm", "flow_matching")
+RECIPES = ("sana_sprint", "tbcm", "twinflow", "flow_matching")
 
 
 class ConfigError(ValueError):
@@ -127,6 +128,7 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     sana_sprint: SanaSprintConfig = SanaSprintConfig()
     tbcm: TBCMConfig = TBCMConfig()
+    twinflow: TwinFlowConfig = TwinFlowConfig()
     flow_matching: FlowMatchingConfig = FlowMatchingConfig()
     seed: int = 0
 

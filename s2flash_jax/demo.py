@@ -7,7 +7,8 @@ Stages (each skipped when its output is complete, so an interrupted demo resumes
      flow_matching), exported as a model checkpoint
   3. student: the SANA-Sprint recipe (TrigFlow transform of the teacher, sCM + LADD) distils it;
      with --recipe tbcm also (or instead) TBCM, image-free on the teacher's own trajectories from a
-     prompts-only dataset
+     prompts-only dataset; with --recipe twinflow, TwinFlow fine-tunes a copy of the teacher into a
+     few-step model with no teacher and no discriminator
   4. eval: the held-out prompts sampled by the teacher (20 guided Euler steps) and the student
      (1, 2, 4 steps; and 1 step before distillation), read back by the analytic checker, compared
      with real renders by a Fréchet distance, timed.
@@ -16,6 +17,7 @@ OUT/
   data/  text_encoder/  feature_net/            shared inputs (prompts/: captions only, for TBCM)
   teacher/ (run) teacher/model/ (checkpoint)     student/ (run) student/model/ (checkpoint)
   student-tbcm/ (run, model/)                    with --recipe tbcm
+  student-twinflow/ (run, model/)                with --recipe twinflow
   grid.png  metrics.json  metrics.md  tensorboard/ (eval scalars; each run has its own logs)
 """
 
@@ -52,7 +54,8 @@ GRID_PROMPTS = 8
 STEP_MEMORY = "step_memory.json"  # in each run directory: what its compiled train steps hold at their peak
 IMAGE_SIZE = 32
 # recipe -> (variant of configs/shapes.py, run directory, label of its rows)
-RECIPES = {"sana-sprint": ("", "student", "student"), "tbcm": ("tbcm", "student-tbcm", "TBCM student")}
+RECIPES = {"sana-sprint": ("", "student", "student"), "tbcm": ("tbcm", "student-tbcm", "TBCM student"),
+           "twinflow": ("twinflow", "student-twinflow", "TwinFlow student")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,13 +108,14 @@ def run_shapes_demo(out: Path, *, quick: bool = False, force: bool = False,
                                 _component_writer(out / "text_encoder", autoencoder, teacher_config))
     clock["teacher_s"] = time.perf_counter() - start
 
-    students, training = {}, {}
+    students, training, configs = {}, {}, {}
     for recipe in recipes:
         config_variant, run_name, label = RECIPES[recipe]
         start = time.perf_counter()
         student_config = load_config(
             f"{CONFIG}:{','.join(t for t in (config_variant, variant.lstrip(',')) if t)}",
             [f"data.path={out / ('prompts' if recipe == 'tbcm' else 'data')}", f"train.teacher_checkpoint={teacher_ckpt}"])
+        configs[label] = student_config
         students[label] = _train_stage(run_name, student_config, out / run_name,
                                        _component_writer(out / "text_encoder", autoencoder, student_config))
         clock[f"{run_name}_s"] = time.perf_counter() - start
@@ -120,7 +124,7 @@ def run_shapes_demo(out: Path, *, quick: bool = False, force: bool = False,
                             **(json.loads(measured.read_text()) if measured.is_file() else {})}
 
     start = time.perf_counter()
-    metrics = _evaluate(out, teacher_ckpt, students, student_config, feature_net, size)
+    metrics = _evaluate(out, teacher_ckpt, students, configs, feature_net, size)
     clock["eval_s"] = time.perf_counter() - start
     metrics["wall_s"] = clock
     metrics["training"] = training
@@ -202,9 +206,10 @@ def _train_stage(name: str, config: Config, run_dir: Path, components: dict) -> 
     return ckpt
 
 
-def _evaluate(out: Path, teacher_ckpt: Path, students: dict[str, Path], student_config: Config, feature_net,
+def _evaluate(out: Path, teacher_ckpt: Path, students: dict[str, Path], configs: dict[str, Config], feature_net,
               size: DemoSize) -> dict:
-    """students: row label -> checkpoint; student_config: any of their configs (the architecture)."""
+    """students, configs: row label -> checkpoint, and the config that trained it. The first
+    recipe's student also gets a row before any update: where its distillation starts."""
     scenes = shapes.heldout_scenes()
     prompts = [shapes.prompt(s) for s in scenes] * size.samples_per_prompt
     all_scenes = scenes * size.samples_per_prompt
@@ -212,9 +217,9 @@ def _evaluate(out: Path, teacher_ckpt: Path, students: dict[str, Path], student_
     reference_features = image_features(feature_net, references)
     teacher = TextToImage.load(teacher_ckpt)
     loaded = {label: TextToImage.load(ckpt) for label, ckpt in students.items()}
-    # Where distillation starts: the student built from the teacher, before any update.
-    _, initial, _ = create_train_state(student_config, make_mesh(student_config.mesh))
-    before = dataclasses.replace(next(iter(loaded.values())), params=product_params(initial, "student"))
+    first = next(iter(students))
+    _, initial, _ = create_train_state(configs[first], make_mesh(configs[first].mesh))
+    before = dataclasses.replace(loaded[first], params=product_params(initial, "student"))
 
     rows = {"reference renders": (None, 0)} | {f"teacher, {TEACHER_STEPS} steps": (teacher, TEACHER_STEPS),
                                                "student before distillation, 1 step": (before, 1)}

@@ -21,6 +21,7 @@ from flax import nnx
 from s2flash_jax.config import Config
 from s2flash_jax.flows.flow_matching import (
     classifier_free_guidance, euler_sample, standard_normal, time_embedder_input)
+from s2flash_jax.flows.twinflow import any_step_sample, sampling_times
 from s2flash_jax.flows.trigflow import SIGMA_DATA, scm_sample, scm_timesteps, trigflow_from_flow_matching
 from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.outputs import fresh_output_dir, image_grid
@@ -31,12 +32,19 @@ def few_step_sample(model: SanaTransformer, noise: jax.Array, caption: jax.Array
                     null_caption: jax.Array | None = None) -> jax.Array:
     """Unit-scale latents [B, H, W, C] from noise [B, H, W, C] for captions [B, L, C_text].
 
-    A student (guidance embedding) samples as SanaSprintPipeline: multistep consistency sampling
+    A TwinFlow student (twinflow_embeds) jumps to the data and re-noises at TwinFlow's sampling
+    times (flow_shift-warped), guidance baked in. A student (guidance embedding) samples as SanaSprintPipeline: multistep consistency sampling
     of its TrigFlow wrapper, guidance embedding fed guidance_scale x guidance_embeds_scale. A flow
     teacher takes Euler steps on the flow_shift-warped schedule, with classifier-free guidance
     against null_caption [L, C_text] (paired with each prompt's mask) when one is given.
     """
     mcfg = model.config
+    if mcfg.twinflow_embeds:
+        def average_velocity(x, s, r):
+            return model(x, time_embedder_input(mcfg, s), caption, caption_mask,
+                         target_timestep=time_embedder_input(mcfg, r))
+
+        return any_step_sample(average_velocity, noise, key, sampling_times(steps, shift=flow_shift))
     guidance = (jnp.full((noise.shape[0],), guidance_scale * mcfg.guidance_embeds_scale)
                 if mcfg.guidance_embeds else None)
 

@@ -59,3 +59,37 @@ def time_mlp(key: jax.Array, dim: int = 2, hidden: int = 64):
         return jax.nn.silu(h @ p["w2"] + p["b2"]) @ p["w3"] + p["b3"]
 
     return params, apply
+
+
+@dataclasses.dataclass(frozen=True)
+class AnyStepGaussian:
+    """The same data in TwinFlow's rectified-flow form: x_s = s·z + (1 − s)·x̂0, whose probability-flow
+    map between any two times is affine per dimension (marginals N((1−s)·mu, (1−s)²·sigma² + s²))."""
+
+    mu: jax.Array | float
+    sigma: jax.Array | float
+
+    def std(self, s):
+        return jnp.sqrt((1 - s) ** 2 * self.sigma**2 + s**2)
+
+    def flow_map(self, x, s, r):
+        """Where the ODE from (x, s) is at time r. s, r: [B] (non-negative)."""
+        s, r = s[:, None], r[:, None]
+        return (1 - r) * self.mu + self.std(r) / self.std(s) * (x - (1 - s) * self.mu)
+
+    def average_velocity(self, x, s, r):
+        """(x − flow_map(x, s, r)) / (s − r), the instantaneous velocity where r = s."""
+        jump = (s - r)[:, None]
+        safe = jnp.where(jump > 1e-6, jump, 1.0)
+        return jnp.where(jump > 1e-6, (x - self.flow_map(x, s, r)) / safe, self.velocity(x, s))
+
+    def velocity(self, x, s):
+        return DiagonalGaussian(self.mu, self.sigma).flow_velocity(x, s)
+
+    def posterior(self, key, x_s, s, n):
+        """n draws of (x̂0, z) [n, D] given one point x_s [D] at time s (a float), x_s = s·z + (1 − s)·x̂0."""
+        var = self.std(s) ** 2
+        mean = self.mu + (1 - s) * self.sigma**2 / var * (x_s - (1 - s) * self.mu)
+        std = jnp.sqrt(self.sigma**2 - (1 - s) ** 2 * self.sigma**4 / var)
+        x0 = mean + std * jax.random.normal(key, (n,) + jnp.shape(x_s))
+        return x0, (x_s - (1 - s) * x0) / s

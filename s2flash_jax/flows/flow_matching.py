@@ -73,6 +73,4 @@ def time_embedder_input(config, s: jax.Array) -> jax.Array:
     teacher whose config has timestep_scale=0.001 (the "dense time embedding").
     config: SanaConfig; s: [B] -> [B]
     """
-    if config.guidance_embeds:
-        return s
-    return s * (1000.0 * config.timestep_scale)
+    return s * config.flow_time_scale

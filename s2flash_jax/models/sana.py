@@ -39,6 +39,10 @@ class SanaConfig:
       scan_unroll: blocks per iteration of the scan over layers. Unrolling a shallow model (the
         shapes demo's 2 blocks) lets XLA fuse across blocks, ~30% faster on CPU; deep models keep 1
         so compilation stays one block long. Changes speed, not results.
+      twinflow_embeds: TwinFlow's any-step time conditioning: a second time embedding of the target
+        time, gated by (|s| − |s_target|) in flow time so it vanishes at s_target = s, and a learned
+        (zero-initialised) embedding of negative time, the twin branch's sign. A flow model with it
+        equals the same model without it until those parameters train.
     """
 
     in_channels: int = 32
@@ -67,8 +71,9 @@ class SanaConfig:
     linear_attention_eps: float = 1e-15
     gradient_checkpointing: bool = False
     scan_unroll: int = 1
+    twinflow_embeds: bool = False
 
-    OWN_KEYS = ("logvar_head", "linear_attention_eps", "gradient_checkpointing", "scan_unroll")
+    OWN_KEYS = ("logvar_head", "linear_attention_eps", "gradient_checkpointing", "scan_unroll", "twinflow_embeds")
     # Own keys that say how the model runs, not what it computes: checkpoints need not agree on them.
     EXECUTION_KEYS = ("gradient_checkpointing", "scan_unroll")
 
@@ -85,6 +90,8 @@ class SanaConfig:
                     "sample_size", "patch_size", "scan_unroll"):
             if getattr(self, key) < 1:
                 problems.append(f"{key}={getattr(self, key)} must be >= 1")
+        if self.twinflow_embeds and self.guidance_embeds:
+            problems.append("twinflow_embeds=True needs guidance_embeds=False (TwinFlow bakes guidance into the model)")
         if self.interpolation_scale is not None and self.inner_dim % 4:
             problems.append(f"a positional embedding needs the width (heads x head_dim = {self.inner_dim}) "
                             "divisible by 4")
@@ -94,6 +101,17 @@ class SanaConfig:
     @property
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def few_step(self) -> bool:
+        """A distilled student sampled in a few steps (SANA-Sprint's or TwinFlow's), not a flow model."""
+        return self.guidance_embeds or self.twinflow_embeds
+
+    @property
+    def flow_time_scale(self) -> float:
+        """What the time embedder is fed per unit of flow time s (see flows.flow_matching.time_embedder_input):
+        SANA-Sprint students (guidance_embeds) see s itself, flow models 1000·s·timestep_scale."""
+        return 1.0 if self.guidance_embeds else 1000.0 * self.timestep_scale
 
     @property
     def output_channels(self) -> int:
@@ -131,11 +149,40 @@ class TimeEmbedding(nnx.Module):
         self.linear = dense(dim, 6 * dim, ("embed", "adaln"), precision=precision, rngs=rngs,
                             kernel_init=nnx.initializers.normal(0.02))
 
-    def __call__(self, timestep: jax.Array, guidance: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, timestep: jax.Array, guidance: jax.Array | None,
+                 negative_time: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """negative_time: [B, D] added to the time embedding before the projection (TwinFlow's sign)."""
         temb = self.timestep_embedder(timestep_sinusoid(timestep))
         if self.guidance_embedder is not None:
             temb = temb + self.guidance_embedder(timestep_sinusoid(guidance))
+        if negative_time is not None:
+            temb = temb + negative_time.astype(temb.dtype)
         return self.linear(jax.nn.silu(temb)), temb
+
+
+class TwinTimeEmbedding(nnx.Module):
+    """TwinFlow's any-step conditioning on top of a TimeEmbedding (inclusionAI/TwinFlow's SANA
+    variant): the target time's own adaLN-single embedding scaled by the jump length in flow time,
+    so a jump of length 0 is the plain flow model, and a learned embedding of the sign of time.
+
+    (modulation [B, 6D], temb [B, D]) of |timestep|, timestep [B] signed, target [B] signed,
+    flow_time_scale -> (modulation, temb)
+    """
+
+    def __init__(self, dim: int, *, precision: Precision, rngs: nnx.Rngs):
+        self.target = TimeEmbedding(dim, False, precision=precision, rngs=rngs)
+        self.negative_time = nnx.Param(jnp.zeros((dim,), precision.param), out_sharding=("embed",))
+
+    def sign_embedding(self, timestep: jax.Array) -> jax.Array:
+        """[B] signed time -> [B, D]: the negative-time embedding where timestep < 0, else 0."""
+        return jnp.where((timestep < 0)[:, None], self.negative_time[...].astype(jnp.float32)[None], 0.0)
+
+    def __call__(self, modulation: jax.Array, temb: jax.Array, timestep: jax.Array, target: jax.Array,
+                 flow_time_scale: float) -> tuple[jax.Array, jax.Array]:
+        target_modulation, target_temb = self.target(jnp.abs(target), None)
+        gate = ((jnp.abs(timestep) - jnp.abs(target)) / flow_time_scale)[:, None]
+        return (modulation + (gate * target_modulation).astype(modulation.dtype),
+                temb + (gate * target_temb).astype(temb.dtype))
 
 
 class PatchEmbed(nnx.Module):
@@ -221,12 +268,15 @@ class SanaTransformer(nnx.Module):
     """The SANA linear DiT. Blocks are stacked on a leading `layers` axis and run with a scan
     (one compiled block, whatever the depth).
 
-    __call__(x, timestep, caption, caption_mask=None, guidance=None) -> velocity
+    __call__(x, timestep, caption, caption_mask=None, guidance=None, target_timestep=None) -> velocity
       x: [B, H, W, C_in] latents (H, W multiples of patch_size)
-      timestep: [B] or scalar flow time as the time embedder sees it
+      timestep: [B] or scalar flow time as the time embedder sees it (signed with twinflow_embeds:
+        negative time is the twin branch)
       caption: [B, L, caption_channels]; caption_mask: [B, L] 1 = token, 0 = padding
       guidance: [B] guidance-embedder input (already times guidance_embeds_scale), required iff
         config.guidance_embeds
+      target_timestep: [B] the time the average velocity jumps to, in the timestep's units (signed
+        like it), required iff config.twinflow_embeds
       returns [B, H, W, C_out] float32, and with return_logvar=True also logvar [B] float32.
     """
 
@@ -239,6 +289,8 @@ class SanaTransformer(nnx.Module):
         with nnx.use_eager_sharding(False):
             self.patch_embed = PatchEmbed(config, precision=precision, rngs=rngs)
             self.time_embed = TimeEmbedding(dim, config.guidance_embeds, precision=precision, rngs=rngs)
+            self.twin_time_embed = (TwinTimeEmbedding(dim, precision=precision, rngs=rngs)
+                                    if config.twinflow_embeds else None)
             self.caption_projection = CaptionProjection(config.caption_channels, dim, precision=precision, rngs=rngs)
             self.caption_norm = RMSNorm(dim, "embed", eps=1e-5, precision=precision)
             self.transformer_blocks = stacked(lambda r: SanaBlock(config, precision=precision, rngs=r),
@@ -254,10 +306,11 @@ class SanaTransformer(nnx.Module):
                 if config.logvar_head else None)
 
     def __call__(self, x: jax.Array, timestep: jax.Array, caption: jax.Array, caption_mask: jax.Array | None = None,
-                 guidance: jax.Array | None = None, *, return_logvar: bool = False):
+                 guidance: jax.Array | None = None, target_timestep: jax.Array | None = None, *,
+                 return_logvar: bool = False):
         if return_logvar and self.logvar_linear is None:
             raise ValueError("return_logvar=True needs a model built with logvar_head=True")
-        h, modulation, temb, caption, grid = self._embed(x, timestep, caption, guidance)
+        h, modulation, temb, caption, grid = self._embed(x, timestep, caption, guidance, target_timestep)
         h = self._run_blocks(h, 0, self.config.num_layers, modulation, caption, caption_mask, grid)
 
         p = self.config.patch_size
@@ -271,8 +324,8 @@ class SanaTransformer(nnx.Module):
         return out
 
     def block_features(self, x: jax.Array, timestep: jax.Array, caption: jax.Array,
-                       caption_mask: jax.Array | None = None, guidance: jax.Array | None = None, *,
-                       block_ids: Sequence[int]) -> list[jax.Array]:
+                       caption_mask: jax.Array | None = None, guidance: jax.Array | None = None,
+                       target_timestep: jax.Array | None = None, *, block_ids: Sequence[int]) -> list[jax.Array]:
         """Token features after each block in `block_ids` (0-based), for discriminator heads.
 
         Runs only up to the deepest requested block. Same inputs as __call__; returns a list of
@@ -281,14 +334,14 @@ class SanaTransformer(nnx.Module):
         ids = sorted(set(block_ids))
         if not ids or ids[0] < 0 or ids[-1] >= self.config.num_layers:
             raise ValueError(f"block_ids {list(block_ids)} must name blocks in [0, {self.config.num_layers})")
-        h, modulation, _, caption, grid = self._embed(x, timestep, caption, guidance)
+        h, modulation, _, caption, grid = self._embed(x, timestep, caption, guidance, target_timestep)
         features, done = {}, 0
         for i in ids:
             h = self._run_blocks(h, done, i + 1, modulation, caption, caption_mask, grid)
             features[i], done = h, i + 1
         return [features[i] for i in block_ids]
 
-    def _embed(self, x, timestep, caption, guidance):
+    def _embed(self, x, timestep, caption, guidance, target_timestep):
         """Checks inputs; returns tokens [B, N, D], modulation, temb [B, D], caption tokens, grid (H/p, W/p)."""
         cfg = self.config
         batch, height, width, channels = x.shape
@@ -299,12 +352,22 @@ class SanaTransformer(nnx.Module):
         if (guidance is None) == cfg.guidance_embeds:
             raise ValueError("guidance must be given exactly when the config has guidance_embeds=True "
                              f"(guidance_embeds={cfg.guidance_embeds}, guidance given: {guidance is not None})")
+        if (target_timestep is None) == cfg.twinflow_embeds:
+            raise ValueError("target_timestep must be given exactly when the config has twinflow_embeds=True "
+                             f"(twinflow_embeds={cfg.twinflow_embeds}, target given: {target_timestep is not None})")
         timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (batch,))
         if guidance is not None:
             guidance = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (batch,))
         compute = self.precision.compute
         h = self.patch_embed(x.astype(compute))
-        modulation, temb = self.time_embed(timestep, guidance)
+        if self.twin_time_embed is None:
+            modulation, temb = self.time_embed(timestep, guidance)
+        else:
+            target_timestep = jnp.broadcast_to(jnp.asarray(target_timestep, jnp.float32), (batch,))
+            modulation, temb = self.time_embed(jnp.abs(timestep), guidance,
+                                               self.twin_time_embed.sign_embedding(timestep))
+            modulation, temb = self.twin_time_embed(modulation, temb, timestep, target_timestep,
+                                                    cfg.flow_time_scale)
         caption = self.caption_norm(self.caption_projection(caption.astype(compute)))
         return h, modulation, temb, caption, (height // p, width // p)
 

@@ -38,15 +38,26 @@ class FlowMatchingConfig:
                              f"time_std ({self.time_std}) > 0")
 
 
+def null_caption_batch(caption: jax.Array, caption_mask: jax.Array, null_caption: jax.Array,
+                       null_caption_mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """The unconditional batch for captions [B, L, D] / mask [B, L]: the null caption [L, D] in every
+    row, with its mask [L], or with each prompt's own mask when that is None (as NVlabs pairs them)."""
+    if null_caption.shape[0] != caption.shape[1]:
+        raise ValueError(f"batch captions have {caption.shape[1]} tokens but the null caption has "
+                         f"{null_caption.shape[0]}; pad both to the same length")
+    null = jnp.broadcast_to(null_caption, caption.shape).astype(caption.dtype)
+    mask = caption_mask if null_caption_mask is None else jnp.broadcast_to(
+        null_caption_mask, caption_mask.shape).astype(caption_mask.dtype)
+    return null, mask
+
+
 def null_captioned(key: jax.Array, caption: jax.Array, caption_mask: jax.Array, null_caption: jax.Array,
                    null_caption_mask: jax.Array | None, rate: float) -> tuple[jax.Array, jax.Array]:
     """caption [B, L, D] and mask [B, L] with each example replaced by the null caption with
-    probability `rate`. A None null mask keeps each prompt's own mask, as NVlabs pairs them."""
+    probability `rate` (see null_caption_batch)."""
     drop = jax.random.bernoulli(key, rate, (caption.shape[0],))
-    caption = jnp.where(drop[:, None, None], null_caption.astype(caption.dtype), caption)
-    if null_caption_mask is not None:
-        caption_mask = jnp.where(drop[:, None], null_caption_mask.astype(caption_mask.dtype), caption_mask)
-    return caption, caption_mask
+    null, null_mask = null_caption_batch(caption, caption_mask, null_caption, null_caption_mask)
+    return (jnp.where(drop[:, None, None], null, caption), jnp.where(drop[:, None], null_mask, caption_mask))
 
 
 def flow_matching(model: SanaTransformer, null_caption: jax.Array, null_caption_mask: jax.Array | None = None,

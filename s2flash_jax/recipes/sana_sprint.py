@@ -32,6 +32,7 @@ from s2flash_jax.losses.scm import SCMConfig, sample_guidance_scales, scm_loss
 from s2flash_jax.models.discriminator import DiscriminatorHeads
 from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.recipes.base import DistillState, Phase, Recipe
+from s2flash_jax.recipes.flow_matching import null_caption_batch
 from s2flash_jax.train.optim import optimizer
 
 
@@ -92,13 +93,8 @@ class SprintNetworks:
         """(x̂, t) -> (F unconditional, F conditional), one teacher call on the doubled batch."""
         net = self.frozen_teacher(state)
         caption, mask = batch["caption"], batch["caption_mask"]
-        if state.frozen["null_caption"].shape[0] != caption.shape[1]:
-            raise ValueError(f"batch captions have {caption.shape[1]} tokens but the null caption has "
-                             f"{state.frozen['null_caption'].shape[0]}; pad both to the same length")
-        null = jnp.broadcast_to(state.frozen["null_caption"], caption.shape).astype(caption.dtype)
-        # NVlabs pairs its learned null caption with each prompt's own mask
-        null_mask = mask if state.frozen["null_caption_mask"] is None else jnp.broadcast_to(
-            state.frozen["null_caption_mask"], mask.shape).astype(mask.dtype)
+        null, null_mask = null_caption_batch(caption, mask, state.frozen["null_caption"],
+                                             state.frozen["null_caption_mask"])
         captions, masks = jnp.concatenate([null, caption]), jnp.concatenate([null_mask, mask])
 
         def teacher(x_hat, t):

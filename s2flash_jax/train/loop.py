@@ -217,7 +217,7 @@ class _Sampler:
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: SanaTransformer(m, precision=config.precision,
                                                                        rngs=nnx.Rngs(0))))
         guidance = config.sample.guidance_scale
-        steps = SAMPLE_STEPS if m.guidance_embeds else FLOW_SAMPLE_STEPS
+        steps = SAMPLE_STEPS if m.few_step else FLOW_SAMPLE_STEPS
 
         def sample(params, null_caption, caption, mask, noise):
             model = nnx.merge(graphdef, params)

@@ -27,6 +27,7 @@ from s2flash_jax.recipes.base import DistillState, Recipe
 from s2flash_jax.recipes.flow_matching import flow_matching
 from s2flash_jax.recipes.sana_sprint import discriminator_for, sana_sprint
 from s2flash_jax.recipes.tbcm import tbcm
+from s2flash_jax.recipes.twinflow import twinflow
 from s2flash_jax.train.optim import optimizer_from_config
 
 
@@ -127,7 +128,17 @@ def _build_sana_sprint(config, seeds, teacher_params) -> tuple[Recipe, DistillSt
     return recipe, _distilled_from_teacher(config, distill)
 
 
-BUILDERS = {"sana_sprint": _build_sana_sprint, "tbcm": _build_tbcm, "flow_matching": _build_flow_matching}
+def _build_twinflow(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
+    """TwinFlow keeps no teacher: the flow model (config.teacher) only gives the student its weights."""
+    student, teacher = _student_and_teacher(config, seeds, teacher_params)
+    if config.train.init_student_from_teacher:
+        nnx.update(student, copy_shared(nnx.state(teacher), nnx.state(student)))
+    return twinflow(student, _null_caption(config, config.model.caption_channels), config=config.twinflow,
+                    optimizer=optimizer_from_config(config.train, config.train.steps))
+
+
+BUILDERS = {"sana_sprint": _build_sana_sprint, "tbcm": _build_tbcm, "twinflow": _build_twinflow,
+            "flow_matching": _build_flow_matching}
 
 
 def _build(config, teacher_params: nnx.State | None = None) -> tuple[Recipe, TrainState]:
