@@ -11,6 +11,8 @@ import optax
 import pytest
 from flax import nnx
 
+from conversion.errors import ConversionError
+from conversion.exporter import export_checkpoint
 from s2flash_jax.config import load_config
 from s2flash_jax.flows.twinflow import any_step_sample, data_and_noise, sampling_times
 from s2flash_jax.losses.twinflow import (
@@ -245,3 +247,8 @@ def test_twinflow_trains_through_the_engine_and_resumes_exactly(tmp_path):
         out = few_step_sample(model, jnp.ones((2, 8, 8, 4)), caption, None, jax.random.key(0), steps=steps,
                               guidance_scale=1.0)
         assert out.shape == (2, 8, 8, 4) and bool(jnp.all(jnp.isfinite(out)))
+    # diffusers' transformer has no target-time or sign embedding: export says so and writes nothing.
+    ckpt = whole.export(config, tmp_path / "model")
+    with pytest.raises(ConversionError, match="TwinFlow student"):
+        export_checkpoint(ckpt, tmp_path / "diffusers")
+    assert not (tmp_path / "diffusers").exists()

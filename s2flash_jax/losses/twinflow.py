@@ -219,7 +219,7 @@ def twinflow_loss(model: TwinModel, params, target_params, x: jax.Array, key: ja
 
     per_row = robust_loss(velocity, target, config) * jnp.where(adv, 1.0, jump_weight(s, r))
     loss = jnp.mean(per_row)
-    metrics = {f"twinflow/{g}": jnp.sum(jnp.where(m, per_row, 0.0)) / max(int(m.sum()), 1)
+    metrics = {f"twinflow/{g}": jnp.sum(jnp.where(m, per_row, 0.0)) / int(m.sum())
                for g, m in rows.items() if m.any()}
     e2e = jnp.asarray(rows["e2e"])
     if config.uses_rectify and rows["e2e"].any():
