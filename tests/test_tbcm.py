@@ -16,7 +16,7 @@ from s2flash_jax.flows.trajectories import reference_route, route_times, teacher
 from s2flash_jax.flows.trigflow import MAX_TIME, SIGMA_DATA, flow_time, scm_sample, scm_timesteps
 from s2flash_jax.losses.scm import SCMConfig, consistency_loss
 from s2flash_jax.recipes.sana_sprint import SanaSprintConfig, SprintNetworks
-from s2flash_jax.recipes.tbcm import TBCMConfig, tbcm, trajectory_points
+from s2flash_jax.recipes.tbcm import TBCMConfig, empty_replay, replay_draw, replay_write, tbcm, trajectory_points
 from s2flash_jax.train.loop import train
 from tests.gaussian import DiagonalGaussian, time_mlp
 from tests.test_sana_sprint import CAPTION, networks
@@ -119,17 +119,85 @@ def test_an_update_trains_the_student_from_captions_alone(recipe_setup):
                                                                jax.tree.leaves(state.frozen["teacher"])))
 
 
-def test_train_command_runs_tbcm_on_a_prompts_only_dataset(tmp_path):
-    """`s2flash train` with recipe=tbcm reads captions only: a dataset without a single latent."""
+def test_train_command_runs_tbcm_on_a_prompts_only_dataset_and_resumes_its_replay_buffer(tmp_path):
+    """`s2flash train` with recipe=tbcm reads captions only: a dataset without a single latent. The
+    replay buffer is part of the checkpoint: a run stopped after 1 step and resumed equals an
+    uninterrupted one bit for bit, buffer included."""
     data = write_tiny_dataset(tmp_path / "prompts", num_records=16, prompts_only=True)
     config = load_config("configs/tiny.py", [f"data.path={data}", "recipe=tbcm", "train.steps=2",
-                                             "train.checkpoint_every=0", "tbcm.route_points=3"])
-    result = train(config, tmp_path / "run", quiet=True)
-    assert result.step == 2 and np.isfinite(result.history[-1]["generator/loss"])
+                                             "train.checkpoint_every=0", "tbcm.route_points=3",
+                                             "tbcm.replay_size=24", "tbcm.replay_points=3"])
+    whole = train(config, tmp_path / "whole", record_losses=True, quiet=True)
+    assert whole.step == 2 and np.isfinite(whole.history[-1]["generator/loss"])
+    fresh = config.tbcm.points * config.train.batch_size
+    assert [m["tbcm/replay_filled"] for m in whole.losses] == [fresh, min(2 * fresh, 24)]  # full at 24
+    first = train(config, tmp_path / "split", record_losses=True, quiet=True, stop_after=1)
+    rest = train(config, tmp_path / "split", resume=True, record_losses=True, quiet=True)
+    assert first.losses + rest.losses == whole.losses
+    for (path, a), b in zip(jax.tree.leaves_with_path(whole.state), jax.tree.leaves(rest.state), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b)), jax.tree_util.keystr(path)
     # The SANA-Sprint recipe needs latents, and says so.
     with pytest.raises(DataError, match="no latent"):
         train(dataclasses.replace(config, recipe="sana_sprint"), tmp_path / "run2", quiet=True)
     assert not (tmp_path / "run2").exists()
+
+
+def replay_rows(ids, latent=(2, 2, 1), caption=(3, 4)):
+    """Trajectory-point rows whose every field encodes its id, so a row can be traced through the buffer."""
+    ids = jnp.asarray(ids, jnp.float32)
+    fill = lambda shape: jnp.broadcast_to(ids.reshape((-1,) + (1,) * len(shape)), (len(ids), *shape))  # noqa: E731
+    return {"x_t": fill(latent), "t": ids, "dxt_dt": -fill(latent), "w": ids + 0.5, "caption": fill(caption),
+            "caption_mask": fill(caption[:1]).astype(jnp.int32)}
+
+
+def test_replay_buffer_is_a_ring_that_overwrites_its_oldest_points_and_draws_only_filled_slots():
+    buffer = empty_replay(5, (2, 2, 1), (3, 4))
+    buffer = replay_write(buffer, replay_rows([0, 1, 2]))
+    assert int(buffer["count"]) == 3 and int(buffer["next"]) == 3
+    drawn = replay_draw(buffer, jax.random.key(0), 200)
+    assert set(np.asarray(drawn["t"]).tolist()) == {0.0, 1.0, 2.0}  # uniform over the 3 filled slots
+    for name, rows in drawn.items():  # each drawn row is one stored row, all of its fields together
+        np.testing.assert_array_equal(rows, replay_rows(np.asarray(drawn["t"]))[name], err_msg=name)
+    buffer = replay_write(buffer, replay_rows([3, 4, 5]))
+    np.testing.assert_array_equal(buffer["t"], [5, 1, 2, 3, 4])  # id 0, the oldest, was overwritten
+    assert int(buffer["count"]) == 5 and int(buffer["next"]) == 1
+    assert set(np.asarray(replay_draw(buffer, jax.random.key(1), 200)["t"]).tolist()) == {1.0, 2.0, 3.0, 4.0, 5.0}
+    with pytest.raises(ValueError, match="cannot hold one step's 6"):
+        replay_write(buffer, replay_rows(range(6)))
+    with pytest.raises(ValueError, match="caption rows have shape"):
+        replay_write(buffer, replay_rows([0], caption=(2, 4)))
+    with pytest.raises(ValueError, match="must be >= 0"):
+        TBCMConfig(replay_size=-1)
+
+
+def test_a_replaying_update_stores_this_steps_trajectory_points_and_trains_on_them_again(recipe_setup):
+    """With replay on, the buffer after one update holds exactly the points trajectory_points made for
+    it, and the loss is the sCM loss over those fresh points plus replay_points drawn from the buffer."""
+    _, state, batch, graphs, config, shape = recipe_setup
+    config = dataclasses.replace(config, replay_size=16, replay_points=5)
+    student, teacher, _ = networks()
+    recipe, state = tbcm(student, teacher, state.frozen["null_caption"], config, optax.adam(1e-3))
+    key = jax.random.key(4)
+    new, metrics = jax.jit(lambda s, b: recipe.phase_update("generator", s, b, key))(state, batch)
+    points_key, replay_key = jax.random.split(key)
+    x_t, t, dxt_dt, w, captions, _ = trajectory_points(graphs, state, batch, points_key, config, shape)
+    n = x_t.shape[0]
+    buffer = new.stats["tbcm_replay"]
+    assert int(buffer["count"]) == n == int(metrics["tbcm/replay_filled"])
+    fresh = {"x_t": x_t, "t": t, "dxt_dt": dxt_dt, "w": w, **captions}
+    for name, rows in fresh.items():
+        np.testing.assert_allclose(buffer[name][:n], rows, atol=1e-6, err_msg=name)
+        np.testing.assert_array_equal(buffer[name][n:], 0, err_msg=name)
+    replayed = replay_draw(buffer, replay_key, 5)
+    rows = {k: jnp.concatenate([fresh[k], replayed[k].astype(fresh[k].dtype)]) for k in fresh}
+    loss, _ = consistency_loss(graphs.student_fn(rows), state.params["student"], rows["x_t"], rows["t"],
+                               rows["dxt_dt"], rows["w"], state.step, config.scm)
+    np.testing.assert_allclose(metrics["generator/loss"], loss, rtol=1e-5)
+    with pytest.raises(ValueError, match="replay_size=0 keeps none"):
+        tbcm(student, teacher, state.frozen["null_caption"], dataclasses.replace(config, replay_size=0))
+    fresh_only, _ = consistency_loss(graphs.student_fn(captions), state.params["student"], x_t, t, dxt_dt, w,
+                                     state.step, config.scm)
+    assert abs(float(fresh_only) - float(loss)) > 1e-6  # the replayed rows do enter the loss
 
 
 def test_tbcm_distilled_mlp_samples_the_gaussian_in_1_2_and_4_steps():
