@@ -41,7 +41,7 @@ from flax import nnx  # noqa: E402
 
 from benchmarks.forward import timed  # noqa: E402
 from s2flash_jax.config import load_config  # noqa: E402
-from s2flash_jax.flows.flow_matching import per_example, time_embedder_input  # noqa: E402
+from s2flash_jax.flows.flow_matching import per_example  # noqa: E402
 from s2flash_jax.losses.scm import sample_guidance_scales  # noqa: E402
 from s2flash_jax.recipes.sana_sprint import SanaSprintConfig, sana_sprint  # noqa: E402
 from tests import sprint_reference as ref  # noqa: E402
@@ -100,8 +100,7 @@ def jax_flow_matching(student, optimizer, config: SanaSprintConfig):
         noise = jax.random.normal(noise_key, x0.shape)
         x_s = (1 - per_example(s, x0)) * x0 + per_example(s, x0) * noise
         w = sample_guidance_scales(w_key, x0.shape[0], config.scm)
-        v = net(x_s, time_embedder_input(net.config, s), batch["caption"], batch["caption_mask"],
-                w * net.config.guidance_embeds_scale)
+        v = net(x_s, s, batch["caption"], batch["caption_mask"], w * net.config.guidance_embeds_scale)
         return jnp.mean((v - (noise - x0)) ** 2)
 
     def step(carry, batch, key):

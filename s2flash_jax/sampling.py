@@ -12,19 +12,22 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from s2flash_jax.config import Config
 from s2flash_jax.flows.flow_matching import (
-    classifier_free_guidance, euler_sample, standard_normal, time_embedder_input)
+    classifier_free_guidance, euler_sample, standard_normal)
 from s2flash_jax.flows.twinflow import any_step_sample, sampling_times
 from s2flash_jax.flows.trigflow import SIGMA_DATA, scm_sample, scm_timesteps, trigflow_from_flow_matching
 from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.outputs import fresh_output_dir, image_grid
+
+if TYPE_CHECKING:  # config.py imports the health checks, which sample
+    from s2flash_jax.config import Config
 
 
 def few_step_sample(model: SanaTransformer, noise: jax.Array, caption: jax.Array, caption_mask: jax.Array | None,
@@ -41,15 +44,14 @@ def few_step_sample(model: SanaTransformer, noise: jax.Array, caption: jax.Array
     mcfg = model.config
     if mcfg.twinflow_embeds:
         def average_velocity(x, s, r):
-            return model(x, time_embedder_input(mcfg, s), caption, caption_mask,
-                         target_timestep=time_embedder_input(mcfg, r))
+            return model(x, s, caption, caption_mask, target_s=r)
 
         return any_step_sample(average_velocity, noise, key, sampling_times(steps, shift=flow_shift))
     guidance = (jnp.full((noise.shape[0],), guidance_scale * mcfg.guidance_embeds_scale)
                 if mcfg.guidance_embeds else None)
 
     def velocity(x, s):
-        return model(x, time_embedder_input(mcfg, s), caption, caption_mask, guidance)
+        return model(x, s, caption, caption_mask, guidance)
 
     if mcfg.guidance_embeds:
         return scm_sample(trigflow_from_flow_matching(velocity), noise, key,
@@ -60,7 +62,7 @@ def few_step_sample(model: SanaTransformer, noise: jax.Array, caption: jax.Array
     masks = None if caption_mask is None else jnp.concatenate([caption_mask, caption_mask])
 
     def guided_velocity(x, s):
-        both = model(jnp.concatenate([x, x]), time_embedder_input(mcfg, jnp.concatenate([s, s])), captions, masks)
+        both = model(jnp.concatenate([x, x]), jnp.concatenate([s, s]), captions, masks)
         return classifier_free_guidance(*jnp.split(both, 2), guidance_scale)
 
     return euler_sample(guided_velocity, noise, steps, shift=flow_shift)

@@ -27,9 +27,11 @@ CASES = {
 
 @dataclasses.dataclass
 class Inputs:
-    """The same inputs in both layouts. x is NCHW for torch; `jax_x` is NHWC."""
+    """The same inputs in both layouts. x is NCHW for torch; `jax_x` is NHWC. s is flow time in [0, 1]
+    (what the JAX model takes); timestep is what diffusers' pipelines feed for it."""
 
     x: np.ndarray
+    s: np.ndarray
     timestep: np.ndarray
     caption: np.ndarray
     mask: np.ndarray | None
@@ -61,10 +63,12 @@ def inputs(case: str, batch: int = 2, seed: int = 1) -> Inputs:
         mask = np.ones((batch, length), np.int64)
         mask[0, 3:] = 0  # first caption has 3 tokens, the rest padding
     guided = overrides.get("guidance_embeds", False)
+    x = rng.standard_normal((batch, config["in_channels"], h, w)).astype(np.float32)
+    s = rng.uniform(0.05, 0.95, batch).astype(np.float32)
     return Inputs(
-        x=rng.standard_normal((batch, config["in_channels"], h, w)).astype(np.float32),
-        # Sprint students see flow time s; teachers 1000·s.
-        timestep=(rng.uniform(0.05, 0.95, batch) * (1.0 if guided else 1000.0)).astype(np.float32),
+        x=x, s=s,
+        # SanaSprintPipeline feeds students flow time s; SanaPipeline feeds flow models 1000·s.
+        timestep=s * np.float32(1.0 if guided else 1000.0),
         caption=rng.standard_normal((batch, length, config["caption_channels"])).astype(np.float32),
         mask=mask,
         guidance=rng.uniform(0.4, 0.5, batch).astype(np.float32) if guided else None,

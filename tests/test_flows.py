@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from s2flash_jax.flows.flow_matching import (
-    classifier_free_guidance, euler_sample, shifted_times, standard_normal, time_embedder_input)
+    classifier_free_guidance, euler_sample, shifted_times, standard_normal)
 from s2flash_jax.models.sana import SanaConfig
 from tests.gaussian import DiagonalGaussian
 
@@ -48,11 +48,11 @@ def test_one_euler_step_is_exact_for_a_straight_flow():
     assert jnp.allclose(euler_sample(lambda x, s: noise - x0, noise, 1), x0)
 
 
-def test_time_embedder_input_follows_the_serving_pipeline():
-    s = jnp.array([0.25, 1.0])
-    assert jnp.allclose(time_embedder_input(SanaConfig(), s), 1000.0 * s)  # base SANA: 1000·s
-    assert jnp.allclose(time_embedder_input(SanaConfig(timestep_scale=0.001), s), s)  # Sprint teacher
-    assert jnp.allclose(time_embedder_input(SanaConfig(guidance_embeds=True), s), s)  # Sprint student
+def test_flow_time_scale_is_the_serving_pipelines_time_unit():
+    """The model takes flow time s in [0, 1]; its time embedder sees what the diffusers pipeline feeds."""
+    assert SanaConfig().flow_time_scale == 1000.0  # base SANA, SanaPipeline: 1000·s
+    assert SanaConfig(timestep_scale=0.001).flow_time_scale == 1.0  # Sprint teacher's dense time embedding
+    assert SanaConfig(guidance_embeds=True).flow_time_scale == 1.0  # Sprint student, SanaSprintPipeline
 
 
 @pytest.mark.parametrize("shape", [(5,), (3, 7), (2, 4, 4, 3), (2, 3, 2, 2, 5)])

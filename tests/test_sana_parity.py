@@ -17,7 +17,7 @@ BF16_RELATIVE_BOUND = 4e-2
 
 def jax_forward(model, inp, **kwargs):
     return np.asarray(model(
-        jnp.asarray(inp.jax_x), jnp.asarray(inp.timestep), jnp.asarray(inp.caption),
+        jnp.asarray(inp.jax_x), jnp.asarray(inp.s), jnp.asarray(inp.caption),
         None if inp.mask is None else jnp.asarray(inp.mask),
         None if inp.guidance is None else jnp.asarray(inp.guidance), **kwargs))
 
@@ -80,7 +80,7 @@ def test_logvar_head_reads_the_time_embedding():
     reference = torch_model(case)
     model = sana_from_diffusers(reference.config, reference.state_dict(), precision=FP32, logvar_head=True)
     inp = inputs(case)
-    out, logvar = model(jnp.asarray(inp.jax_x), jnp.asarray(inp.timestep), jnp.asarray(inp.caption),
+    out, logvar = model(jnp.asarray(inp.jax_x), jnp.asarray(inp.s), jnp.asarray(inp.caption),
                         jnp.asarray(inp.mask), jnp.asarray(inp.guidance), return_logvar=True)
     np.testing.assert_allclose(np.asarray(out), torch_forward(reference, inp), atol=1e-4)
     with torch.no_grad():

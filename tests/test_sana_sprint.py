@@ -12,7 +12,6 @@ import pytest
 from flax import nnx
 
 from s2flash_jax.config import load_config
-from s2flash_jax.flows.flow_matching import time_embedder_input
 from s2flash_jax.flows.trigflow import trigflow_from_flow_matching
 from s2flash_jax.losses.ladd import LADDConfig
 from s2flash_jax.models.sana import SanaTransformer
@@ -112,7 +111,7 @@ def test_teacher_is_guided_with_the_null_caption(setup):
 
     def separately(caption):
         def flow(x, s):
-            return teacher(x, time_embedder_input(teacher.config, s), caption, batch["caption_mask"])
+            return teacher(x, s, caption, batch["caption_mask"])
 
         return trigflow_from_flow_matching(flow)(x_hat, t)
 

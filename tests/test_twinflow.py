@@ -52,23 +52,23 @@ def test_twin_embeddings_leave_the_flow_model_unchanged_until_they_train():
     keys = jax.random.split(jax.random.key(2), 3)
     x = jax.random.normal(keys[0], (4, 8, 8, 4))
     caption = jax.random.normal(keys[1], (4, 8, 32))
-    s = jnp.array([0.9, 0.6, 0.3, 0.1]) * flow_config.flow_time_scale
-    r = jnp.array([0.0, 0.2, 0.1, 0.05]) * flow_config.flow_time_scale
+    s = jnp.array([0.9, 0.6, 0.3, 0.1])
+    r = jnp.array([0.0, 0.2, 0.1, 0.05])
     reference = flow(x, s, caption)
-    np.testing.assert_allclose(twin(x, s, caption, target_timestep=s), reference, atol=1e-6)
-    np.testing.assert_allclose(twin(x, -s, caption, target_timestep=-s), reference, atol=1e-6)
-    jump = twin(x, s, caption, target_timestep=r)
+    np.testing.assert_allclose(twin(x, s, caption, target_s=s), reference, atol=1e-6)
+    np.testing.assert_allclose(twin(x, -s, caption, target_s=-s), reference, atol=1e-6)
+    jump = twin(x, s, caption, target_s=r)
     assert np.all(np.abs(np.asarray(jump - reference)).reshape(4, -1).max(axis=1) > 1e-3)
 
     twin.twin_time_embed.negative_time[...] = jax.random.normal(keys[2], (flow_config.inner_dim,))
     signed = jnp.array([1.0, -1.0, 1.0, -1.0])
-    out = np.asarray(twin(x, signed * s, caption, target_timestep=signed * s))
+    out = np.asarray(twin(x, signed * s, caption, target_s=signed * s))
     np.testing.assert_allclose(out[::2], np.asarray(reference)[::2], atol=1e-6)
     assert np.all(np.abs(out[1::2] - np.asarray(reference)[1::2]).reshape(2, -1).max(axis=1) > 1e-3)
-    with pytest.raises(ValueError, match="target_timestep"):
+    with pytest.raises(ValueError, match="target_s"):
         twin(x, s, caption)
-    with pytest.raises(ValueError, match="target_timestep"):
-        flow(x, s, caption, target_timestep=s)
+    with pytest.raises(ValueError, match="target_s"):
+        flow(x, s, caption, target_s=s)
 
 
 def test_sampling_times_are_the_released_grid():

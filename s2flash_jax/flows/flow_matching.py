@@ -62,15 +62,3 @@ def euler_sample(velocity_fn: VelocityFn, noise: jax.Array, num_steps: int, shif
 
     x, _ = jax.lax.scan(step, noise, jnp.arange(num_steps))
     return x
-
-
-def time_embedder_input(config, s: jax.Array) -> jax.Array:
-    """What a SANA transformer's time embedder is fed for flow time s in [0, 1].
-
-    The convention belongs to the diffusers pipeline that serves the model, not to the weights:
-    SANA-Sprint students (guidance_embeds=True, `SanaSprintPipeline`) see s itself; flow teachers
-    (`SanaPipeline`) see 1000·s·timestep_scale, i.e. 1000·s for base SANA and s for the Sprint
-    teacher whose config has timestep_scale=0.001 (the "dense time embedding").
-    config: SanaConfig; s: [B] -> [B]
-    """
-    return s * config.flow_time_scale

@@ -109,8 +109,10 @@ class SanaConfig:
 
     @property
     def flow_time_scale(self) -> float:
-        """What the time embedder is fed per unit of flow time s (see flows.flow_matching.time_embedder_input):
-        SANA-Sprint students (guidance_embeds) see s itself, flow models 1000·s·timestep_scale."""
+        """What the time embedder is fed per unit of flow time s, as the diffusers pipeline serving the
+        checkpoint feeds it: SANA-Sprint students (guidance_embeds, `SanaSprintPipeline`) see s itself;
+        flow models (`SanaPipeline`) see 1000·s·timestep_scale, i.e. 1000·s for base SANA and s for
+        the Sprint teacher's dense time embedding (timestep_scale=0.001)."""
         return 1.0 if self.guidance_embeds else 1000.0 * self.timestep_scale
 
     @property
@@ -165,22 +167,22 @@ class TwinTimeEmbedding(nnx.Module):
     variant): the target time's own adaLN-single embedding scaled by the jump length in flow time,
     so a jump of length 0 is the plain flow model, and a learned embedding of the sign of time.
 
-    (modulation [B, 6D], temb [B, D]) of |timestep|, timestep [B] signed, target [B] signed,
-    flow_time_scale -> (modulation, temb)
+    (modulation [B, 6D], temb [B, D]) of |s|, s [B] signed flow time, target [B] signed flow time,
+    flow_time_scale (the time embedders' units per unit of s) -> (modulation, temb)
     """
 
     def __init__(self, dim: int, *, precision: Precision, rngs: nnx.Rngs):
         self.target = TimeEmbedding(dim, False, precision=precision, rngs=rngs)
         self.negative_time = nnx.Param(jnp.zeros((dim,), precision.param), out_sharding=("embed",))
 
-    def sign_embedding(self, timestep: jax.Array) -> jax.Array:
-        """[B] signed time -> [B, D]: the negative-time embedding where timestep < 0, else 0."""
-        return jnp.where((timestep < 0)[:, None], self.negative_time[...].astype(jnp.float32)[None], 0.0)
+    def sign_embedding(self, s: jax.Array) -> jax.Array:
+        """[B] signed time -> [B, D]: the negative-time embedding where s < 0, else 0."""
+        return jnp.where((s < 0)[:, None], self.negative_time[...].astype(jnp.float32)[None], 0.0)
 
-    def __call__(self, modulation: jax.Array, temb: jax.Array, timestep: jax.Array, target: jax.Array,
+    def __call__(self, modulation: jax.Array, temb: jax.Array, s: jax.Array, target: jax.Array,
                  flow_time_scale: float) -> tuple[jax.Array, jax.Array]:
-        target_modulation, target_temb = self.target(jnp.abs(target), None)
-        gate = ((jnp.abs(timestep) - jnp.abs(target)) / flow_time_scale)[:, None]
+        target_modulation, target_temb = self.target(jnp.abs(target) * flow_time_scale, None)
+        gate = (jnp.abs(s) - jnp.abs(target))[:, None]
         return (modulation + (gate * target_modulation).astype(modulation.dtype),
                 temb + (gate * target_temb).astype(temb.dtype))
 
@@ -268,15 +270,17 @@ class SanaTransformer(nnx.Module):
     """The SANA linear DiT. Blocks are stacked on a leading `layers` axis and run with a scan
     (one compiled block, whatever the depth).
 
-    __call__(x, timestep, caption, caption_mask=None, guidance=None, target_timestep=None) -> velocity
+    __call__(x, s, caption, caption_mask=None, guidance=None, target_s=None) -> velocity
       x: [B, H, W, C_in] latents (H, W multiples of patch_size)
-      timestep: [B] or scalar flow time as the time embedder sees it (signed with twinflow_embeds:
-        negative time is the twin branch)
+      s: [B] or scalar flow time in [0, 1] (1 = noise; signed with twinflow_embeds: negative time is
+        the twin branch). Every caller speaks this one convention; the model feeds its time
+        embedder s·config.flow_time_scale, the serving pipeline's units (1000·s for base SANA),
+        which belong to the checkpoint and appear only where checkpoints cross to diffusers.
       caption: [B, L, caption_channels]; caption_mask: [B, L] 1 = token, 0 = padding
       guidance: [B] guidance-embedder input (already times guidance_embeds_scale), required iff
         config.guidance_embeds
-      target_timestep: [B] the time the average velocity jumps to, in the timestep's units (signed
-        like it), required iff config.twinflow_embeds
+      target_s: [B] the flow time the average velocity jumps to (signed like s), required iff
+        config.twinflow_embeds
       returns [B, H, W, C_out] float32, and with return_logvar=True also logvar [B] float32.
     """
 
@@ -305,12 +309,12 @@ class SanaTransformer(nnx.Module):
                       kernel_init=nnx.initializers.xavier_uniform())
                 if config.logvar_head else None)
 
-    def __call__(self, x: jax.Array, timestep: jax.Array, caption: jax.Array, caption_mask: jax.Array | None = None,
-                 guidance: jax.Array | None = None, target_timestep: jax.Array | None = None, *,
+    def __call__(self, x: jax.Array, s: jax.Array, caption: jax.Array, caption_mask: jax.Array | None = None,
+                 guidance: jax.Array | None = None, target_s: jax.Array | None = None, *,
                  return_logvar: bool = False):
         if return_logvar and self.logvar_linear is None:
             raise ValueError("return_logvar=True needs a model built with logvar_head=True")
-        h, modulation, temb, caption, grid = self._embed(x, timestep, caption, guidance, target_timestep)
+        h, modulation, temb, caption, grid = self._embed(x, s, caption, guidance, target_s)
         h = self._run_blocks(h, 0, self.config.num_layers, modulation, caption, caption_mask, grid)
 
         p = self.config.patch_size
@@ -323,9 +327,9 @@ class SanaTransformer(nnx.Module):
             return out, self.logvar_linear(temb)[:, 0].astype(jnp.float32)
         return out
 
-    def block_features(self, x: jax.Array, timestep: jax.Array, caption: jax.Array,
+    def block_features(self, x: jax.Array, s: jax.Array, caption: jax.Array,
                        caption_mask: jax.Array | None = None, guidance: jax.Array | None = None,
-                       target_timestep: jax.Array | None = None, *, block_ids: Sequence[int]) -> list[jax.Array]:
+                       target_s: jax.Array | None = None, *, block_ids: Sequence[int]) -> list[jax.Array]:
         """Token features after each block in `block_ids` (0-based), for discriminator heads.
 
         Runs only up to the deepest requested block. Same inputs as __call__; returns a list of
@@ -334,14 +338,14 @@ class SanaTransformer(nnx.Module):
         ids = sorted(set(block_ids))
         if not ids or ids[0] < 0 or ids[-1] >= self.config.num_layers:
             raise ValueError(f"block_ids {list(block_ids)} must name blocks in [0, {self.config.num_layers})")
-        h, modulation, _, caption, grid = self._embed(x, timestep, caption, guidance, target_timestep)
+        h, modulation, _, caption, grid = self._embed(x, s, caption, guidance, target_s)
         features, done = {}, 0
         for i in ids:
             h = self._run_blocks(h, done, i + 1, modulation, caption, caption_mask, grid)
             features[i], done = h, i + 1
         return [features[i] for i in block_ids]
 
-    def _embed(self, x, timestep, caption, guidance, target_timestep):
+    def _embed(self, x, s, caption, guidance, target_s):
         """Checks inputs; returns tokens [B, N, D], modulation, temb [B, D], caption tokens, grid (H/p, W/p)."""
         cfg = self.config
         batch, height, width, channels = x.shape
@@ -352,22 +356,21 @@ class SanaTransformer(nnx.Module):
         if (guidance is None) == cfg.guidance_embeds:
             raise ValueError("guidance must be given exactly when the config has guidance_embeds=True "
                              f"(guidance_embeds={cfg.guidance_embeds}, guidance given: {guidance is not None})")
-        if (target_timestep is None) == cfg.twinflow_embeds:
-            raise ValueError("target_timestep must be given exactly when the config has twinflow_embeds=True "
-                             f"(twinflow_embeds={cfg.twinflow_embeds}, target given: {target_timestep is not None})")
-        timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (batch,))
+        if (target_s is None) == cfg.twinflow_embeds:
+            raise ValueError("target_s must be given exactly when the config has twinflow_embeds=True "
+                             f"(twinflow_embeds={cfg.twinflow_embeds}, target given: {target_s is not None})")
+        s = jnp.broadcast_to(jnp.asarray(s, jnp.float32), (batch,))
         if guidance is not None:
             guidance = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (batch,))
         compute = self.precision.compute
         h = self.patch_embed(x.astype(compute))
         if self.twin_time_embed is None:
-            modulation, temb = self.time_embed(timestep, guidance)
+            modulation, temb = self.time_embed(s * cfg.flow_time_scale, guidance)
         else:
-            target_timestep = jnp.broadcast_to(jnp.asarray(target_timestep, jnp.float32), (batch,))
-            modulation, temb = self.time_embed(jnp.abs(timestep), guidance,
-                                               self.twin_time_embed.sign_embedding(timestep))
-            modulation, temb = self.twin_time_embed(modulation, temb, timestep, target_timestep,
-                                                    cfg.flow_time_scale)
+            target_s = jnp.broadcast_to(jnp.asarray(target_s, jnp.float32), (batch,))
+            modulation, temb = self.time_embed(jnp.abs(s) * cfg.flow_time_scale, guidance,
+                                               self.twin_time_embed.sign_embedding(s))
+            modulation, temb = self.twin_time_embed(modulation, temb, s, target_s, cfg.flow_time_scale)
         caption = self.caption_norm(self.caption_projection(caption.astype(compute)))
         return h, modulation, temb, caption, (height // p, width // p)
 

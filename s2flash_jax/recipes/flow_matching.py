@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from s2flash_jax.flows.flow_matching import per_example, standard_normal, time_embedder_input
+from s2flash_jax.flows.flow_matching import per_example, standard_normal
 from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.recipes.base import DistillState, Phase, Recipe
 
@@ -83,7 +83,7 @@ def flow_matching(model: SanaTransformer, null_caption: jax.Array, null_caption_
         x_s = (1 - per_example(s, x0)) * x0 + per_example(s, x0) * noise
         caption, mask = null_captioned(drop_key, batch["caption"], batch["caption_mask"], state.frozen["null_caption"],
                                        state.frozen["null_caption_mask"], config.caption_dropout)
-        v = net(x_s, time_embedder_input(net.config, s), caption, mask)
+        v = net(x_s, s, caption, mask)
         value = jnp.mean((v - (noise - x0)) ** 2)
         return value, ({"flow/mse": value}, {})
 

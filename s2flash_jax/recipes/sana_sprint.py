@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from s2flash_jax.flows.flow_matching import time_embedder_input
 from s2flash_jax.flows.trigflow import SIGMA_DATA, consistency_fn, flow_input, noised, trigflow_from_flow_matching
 from s2flash_jax.losses import ladd
 from s2flash_jax.losses.scm import SCMConfig, sample_guidance_scales, scm_loss
@@ -78,7 +77,7 @@ class SprintNetworks:
             mcfg = net.config
 
             def flow(x_flow, s):
-                return net(x_flow, time_embedder_input(mcfg, s), batch["caption"], batch["caption_mask"],
+                return net(x_flow, s, batch["caption"], batch["caption_mask"],
                            guidance_scale * mcfg.guidance_embeds_scale, return_logvar=True)
 
             return trigflow_from_flow_matching(flow, has_aux=True)(x_hat, t)
@@ -99,7 +98,7 @@ class SprintNetworks:
 
         def teacher(x_hat, t):
             def flow(x_flow, s):
-                return net(x_flow, time_embedder_input(net.config, s), captions, masks)
+                return net(x_flow, s, captions, masks)
 
             both = trigflow_from_flow_matching(flow)(jnp.concatenate([x_hat, x_hat]), jnp.concatenate([t, t]))
             return jnp.split(both, 2)
@@ -115,7 +114,7 @@ class SprintNetworks:
         """
         teacher = self.frozen_teacher(state)
         x_flow, s = flow_input(x_hat, t)
-        features = teacher.block_features(x_flow, time_embedder_input(teacher.config, s), caption, caption_mask,
+        features = teacher.block_features(x_flow, s, caption, caption_mask,
                                           block_ids=self.config.ladd.block_ids)
         heads = nnx.merge(self.discriminator, params, stats, copy=True)
         logits = heads(features, update_stats=update_stats)
@@ -216,6 +215,13 @@ def check_student_and_teacher(student: SanaTransformer, teacher: SanaTransformer
         problems.append("the student needs guidance_embeds=True and logvar_head=True")
     if t.guidance_embeds:
         problems.append("the teacher must be a flow model without guidance embedding (guidance_embeds=False)")
+    if s.flow_time_scale != t.flow_time_scale:
+        problems.append(f"the teacher's time embedder is fed {t.flow_time_scale:g}·s (timestep_scale={t.timestep_scale}) "
+                        f"but the student's {s.flow_time_scale:g}·s: a SANA-Sprint student uses the dense time "
+                        "embedding (s itself); convert the teacher with `s2flash prepare-teacher`")
+    if s.qk_norm != t.qk_norm:
+        problems.append(f"the student has qk_norm={s.qk_norm!r} but the teacher {t.qk_norm!r}: a student copied from "
+                        "it would start with untrained norms; add them to the teacher with `s2flash prepare-teacher`")
     if s.inner_dim != t.inner_dim or s.in_channels != t.in_channels:
         problems.append(f"student and teacher differ in width or latent channels "
                         f"({s.inner_dim}/{s.in_channels} vs {t.inner_dim}/{t.in_channels})")

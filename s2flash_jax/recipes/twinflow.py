@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from s2flash_jax.flows.flow_matching import time_embedder_input
 from s2flash_jax.losses.twinflow import TwinFlowConfig, twinflow_loss
 from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.recipes.base import DistillState, Phase, Recipe
@@ -60,8 +59,7 @@ def twinflow(student: SanaTransformer, null_caption: jax.Array, config: TwinFlow
 
         def model(p, x_s, s, r, conditional):
             net = nnx.merge(graph, p)
-            return net(x_s, time_embedder_input(mcfg, s), caption if conditional else null,
-                       mask if conditional else null_mask, target_timestep=time_embedder_input(mcfg, r))
+            return net(x_s, s, caption if conditional else null, mask if conditional else null_mask, target_s=r)
 
         target = None
         if config.target_ema_decay > 0:
