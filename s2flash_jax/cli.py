@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--export", default=None, metavar="CKPT",
                        help="when the run is complete, write its product (EMA if kept) as a model checkpoint here, "
                             "e.g. a trained teacher for another run's train.teacher_checkpoint")
+    train.add_argument("--teacher", default=None, metavar="CKPT",
+                       help="model checkpoint of the teacher to distil from (sets train.teacher_checkpoint)")
+    train.add_argument("--student-init", default=None, metavar="CKPT",
+                       help="model checkpoint the trained network starts from (sets train.init_checkpoint; default: "
+                            "a copy of the teacher with a zero guidance embedder output and logvar head, so the "
+                            "student equals the teacher at step 0)")
 
     plan = commands.add_parser(
         "plan", help="per-device memory of the training step on a mesh, without the accelerators",
@@ -289,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
             jax.config.update("jax_platforms", "cpu")
             jax.config.update("jax_num_cpu_devices", args.devices)
             args.overrides = [*args.overrides, *mesh_overrides(args.mesh)]
+        if args.command == "train":
+            args.overrides = [*args.overrides, *([f"train.teacher_checkpoint={args.teacher}"] if args.teacher else []),
+                              *([f"train.init_checkpoint={args.student_init}"] if args.student_init else [])]
         config = load_config(args.config, args.overrides)
         if args.command == "sample":
             from s2flash_jax.sampling import run_sample

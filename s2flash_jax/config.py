@@ -25,6 +25,7 @@ from s2flash_jax.precision import Precision
 from s2flash_jax.recipes.flow_matching import FlowMatchingConfig
 from s2flash_jax.recipes.sana_sprint import SanaSprintConfig
 from s2flash_jax.recipes.tbcm import TBCMConfig
+from s2flash_jax.train.health import HealthConfig
 
 RECIPES = ("sana_sprint", "tbcm", "twinflow", "flow_matching")
 
@@ -70,8 +71,15 @@ class TrainConfig:
     ema_decay: 0 keeps no EMA student; otherwise ema = decay·ema + (1-decay)·student after every
       student update. teacher_dtype: "bfloat16" stores the frozen teacher in half the memory.
     teacher_checkpoint: a model checkpoint (s2flash_jax/model_checkpoint.py) holding the teacher to
-      distil from, with config.teacher's architecture (empty: random weights, for smoke runs);
-      init_student_from_teacher copies every parameter the two share into the student.
+      distil from, with config.teacher's architecture (empty: random weights, for smoke runs).
+    init_checkpoint: a model checkpoint with config.model's architecture holding the starting
+      weights of the trained network (the student of a distillation, the model of flow matching);
+      `s2flash train --student-init`. When set, init_student_from_teacher is not used.
+    init_student_from_teacher: the student starts as a copy of the teacher, its own parts
+      (guidance embedder output, logvar head) zero, so at step 0 it computes exactly the teacher.
+    trainable: glob patterns over the trained network's '/'-joined parameter paths (e.g.
+      "time_embed/*", "*/norm_q/*"); only matching parameters are updated, the others keep their
+      values and hold no optimizer state. Empty: all.
     Every *_every is in global steps; 0 turns it off.
     """
 
@@ -88,7 +96,9 @@ class TrainConfig:
     ema_decay: float = 0.0
     teacher_dtype: str = "float32"
     teacher_checkpoint: str = ""
+    init_checkpoint: str = ""
     init_student_from_teacher: bool = True
+    trainable: Sequence[str] = ()
     log_every: int = 10
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
@@ -130,6 +140,7 @@ class Config:
     tbcm: TBCMConfig = TBCMConfig()
     twinflow: TwinFlowConfig = TwinFlowConfig()
     flow_matching: FlowMatchingConfig = FlowMatchingConfig()
+    health: HealthConfig = HealthConfig()
     seed: int = 0
 
     def __post_init__(self):

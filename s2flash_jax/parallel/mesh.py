@@ -77,6 +77,8 @@ def tree_shardings(tree, mesh: Mesh, rules: Sequence[tuple[str, MeshAxes]] = LOG
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def for_variable(var: nnx.Variable):
+        if not hasattr(var.get_value(), "shape"):  # optax.MaskedNode: state a frozen parameter does not have
+            return var
         names = var.get_metadata().get("out_sharding")
         shape = var.get_value().shape
         if not names or len(names) != len(shape):

@@ -7,6 +7,9 @@ leaves parameters and moments unchanged and counts it.
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -45,10 +48,36 @@ def optimizer(kind: str, learning_rate: optax.ScalarOrSchedule, *, clip_norm: fl
                                  max_consecutive_errors=max_consecutive_skips)
 
 
-def optimizer_from_config(config, updates: int) -> optax.GradientTransformation:
-    """config: TrainConfig; updates: how many updates the network it optimises gets in the run."""
-    return optimizer(config.optimizer, learning_rate_schedule(config, updates), clip_norm=config.clip_norm,
-                     weight_decay=config.weight_decay, max_consecutive_skips=config.max_consecutive_skips)
+def optimizer_from_config(config, updates: int, trainable: Sequence[str] = ()) -> optax.GradientTransformation:
+    """config: TrainConfig; updates: how many updates the network it optimises gets in the run;
+    trainable: see only_trainable (config.train.trainable, for the run's product network)."""
+    return only_trainable(optimizer(config.optimizer, learning_rate_schedule(config, updates),
+                                    clip_norm=config.clip_norm, weight_decay=config.weight_decay,
+                                    max_consecutive_skips=config.max_consecutive_skips), trainable)
+
+
+def parameter_path(path: tuple) -> str:
+    """A pytree key path of a parameter tree as 'time_embed/linear/kernel' (nnx.Variable's own key dropped)."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", ""))) for k in path if not isinstance(k, jax.tree_util.GetAttrKey))
+
+
+def only_trainable(inner: optax.GradientTransformation, patterns: Sequence[str]) -> optax.GradientTransformation:
+    """`inner` on the parameters whose path (parameter_path) matches one of the glob `patterns`;
+    the others get zero updates and no optimizer state. Gradient clipping and the non-finite guard
+    see only the trained parameters. No patterns: `inner` on everything."""
+    if not patterns:
+        return inner
+
+    def labels(params):
+        paths = [parameter_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+        unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(path, p) for path in paths)]
+        if unmatched:
+            raise ValueError(f"train.trainable: {unmatched} match no parameter; paths look like {paths[:3]}")
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "trained" if any(fnmatch.fnmatchcase(parameter_path(path), p) for p in patterns)
+            else "frozen", params)
+
+    return optax.multi_transform({"trained": inner, "frozen": optax.set_to_zero()}, labels)
 
 
 def skipped_updates(opt_state) -> jax.Array:

@@ -20,6 +20,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
+from s2flash_jax.config import ConfigError
 from s2flash_jax.model_checkpoint import CheckpointError, check_architecture, load_params
 from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.parallel.mesh import tree_shardings
@@ -48,33 +49,41 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class Initialiser:
-    """recipe: the run's recipe (static); init: (teacher params or None) -> TrainState, traceable;
-    abstract: its shapes; config: the run's Config (its train.teacher_checkpoint, if set, holds the
-    frozen teacher's weights)."""
+    """recipe: the run's recipe (static); init: (loaded weights by role) -> TrainState, traceable;
+    abstract: its shapes; config: the run's Config (train.teacher_checkpoint: the frozen teacher's
+    weights, "teacher"; train.init_checkpoint: the trained network's starting weights, "initial")."""
 
     recipe: Recipe
-    init: Callable[[nnx.State | None], TrainState]
+    init: Callable[[dict[str, nnx.State]], TrainState]
     abstract: TrainState
     config: Any
 
     def create(self, mesh: Mesh, shardings: TrainState) -> TrainState:
-        """Run the initialisation with every leaf created directly in its shard (the teacher's weights
-        read from its checkpoint straight into their shards)."""
-        checkpoint, teacher_config = self.config.train.teacher_checkpoint, self.config.teacher
-        if not checkpoint:
-            with jax.set_mesh(mesh):
-                return jax.jit(lambda: self.init(None), out_shardings=shardings)()
+        """Run the initialisation with every leaf created directly in its shard (checkpointed weights
+        read straight into their shards)."""
+        train = self.config.train
+        sources = {"teacher": (train.teacher_checkpoint, self.config.teacher),
+                   "initial": (train.init_checkpoint, self.config.model)}
+        loaded = {role: self._load(path, model, mesh) for role, (path, model) in sources.items() if path}
+        with jax.set_mesh(mesh):
+            return jax.jit(self.init, out_shardings=shardings)(loaded)
+
+    def _load(self, path: str, model, mesh: Mesh) -> nnx.State:
         # Outside the mesh context: there, NNX would read the logical axis names as mesh axes.
         abstract = nnx.state(nnx.eval_shape(lambda: SanaTransformer(
-            teacher_config, precision=self.config.precision, rngs=nnx.Rngs(0))))
-        teacher = load_params(checkpoint, teacher_config, abstract, tree_shardings(abstract, mesh))
-        with jax.set_mesh(mesh):
-            return jax.jit(self.init, out_shardings=shardings)(teacher)
+            model, precision=self.config.precision, rngs=nnx.Rngs(0))))
+        return load_params(path, model, abstract, tree_shardings(abstract, mesh))
 
 
 def _updates(steps: int, cycle: list[str], phase: str) -> int:
     """How often a phase runs in `steps` global steps: each network's schedule spans its own updates."""
     return math.ceil(steps * cycle.count(phase) / len(cycle))
+
+
+def _product_optimizer(config, updates: int | None = None) -> optax.GradientTransformation:
+    """The optimizer of the network the run is for: train.trainable applies to it alone."""
+    return optimizer_from_config(config.train, config.train.steps if updates is None else updates,
+                                 config.train.trainable)
 
 
 def _null_caption(config, channels: int) -> jax.Array:
@@ -85,7 +94,7 @@ def _null_caption(config, channels: int) -> jax.Array:
 def _build_flow_matching(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
     model = SanaTransformer(config.model, precision=config.precision, rngs=nnx.Rngs(seeds[0]))
     return flow_matching(model, _null_caption(config, config.model.caption_channels), config=config.flow_matching,
-                         optimizer=optimizer_from_config(config.train, config.train.steps))
+                         optimizer=_product_optimizer(config))
 
 
 def _student_and_teacher(config, seeds, teacher_params) -> tuple[SanaTransformer, SanaTransformer]:
@@ -102,7 +111,7 @@ def _distilled_from_teacher(config, distill: DistillState) -> DistillState:
     """The student started from the teacher's weights (unless the config says not), the teacher stored
     in train.teacher_dtype."""
     if config.train.init_student_from_teacher:
-        distill = distill.replace(params={**distill.params, "student": copy_shared(
+        distill = distill.replace(params={**distill.params, "student": student_from_teacher(
             distill.frozen["teacher"], distill.params["student"])})
     if config.train.teacher_dtype == "bfloat16":
         distill = distill.replace(frozen={**distill.frozen, "teacher": jax.tree.map(
@@ -113,7 +122,7 @@ def _distilled_from_teacher(config, distill: DistillState) -> DistillState:
 def _build_tbcm(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
     student, teacher = _student_and_teacher(config, seeds, teacher_params)
     recipe, distill = tbcm(student, teacher, _null_caption(config, config.teacher.caption_channels),
-                           config=config.tbcm, optimizer=optimizer_from_config(config.train, config.train.steps))
+                           config=config.tbcm, optimizer=_product_optimizer(config))
     return recipe, _distilled_from_teacher(config, distill)
 
 
@@ -121,8 +130,9 @@ def _build_sana_sprint(config, seeds, teacher_params) -> tuple[Recipe, DistillSt
     student, teacher = _student_and_teacher(config, seeds, teacher_params)
     heads = discriminator_for(teacher, config.sana_sprint, rngs=nnx.Rngs(seeds[2]))
     cycle = list(config.sana_sprint.cycle)
-    optimizers = {net: optimizer_from_config(config.train, _updates(config.train.steps, cycle, phase))
-                  for net, phase in (("student", "generator"), ("discriminator", "discriminator"))}
+    optimizers = {"student": _product_optimizer(config, _updates(config.train.steps, cycle, "generator")),
+                  "discriminator": optimizer_from_config(config.train,
+                                                         _updates(config.train.steps, cycle, "discriminator"))}
     recipe, distill = sana_sprint(student, teacher, heads, _null_caption(config, config.teacher.caption_channels),
                                   config=config.sana_sprint, optimizers=optimizers)
     return recipe, _distilled_from_teacher(config, distill)
@@ -132,23 +142,54 @@ def _build_twinflow(config, seeds, teacher_params) -> tuple[Recipe, DistillState
     """TwinFlow keeps no teacher: the flow model (config.teacher) only gives the student its weights."""
     student, teacher = _student_and_teacher(config, seeds, teacher_params)
     if config.train.init_student_from_teacher:
-        nnx.update(student, copy_shared(nnx.state(teacher), nnx.state(student)))
+        nnx.update(student, student_from_teacher(nnx.state(teacher), nnx.state(student)))
     return twinflow(student, _null_caption(config, config.model.caption_channels), config=config.twinflow,
-                    optimizer=optimizer_from_config(config.train, config.train.steps))
+                    optimizer=_product_optimizer(config))
 
 
 BUILDERS = {"sana_sprint": _build_sana_sprint, "tbcm": _build_tbcm, "twinflow": _build_twinflow,
             "flow_matching": _build_flow_matching}
 
 
-def _build(config, teacher_params: nnx.State | None = None) -> tuple[Recipe, TrainState]:
-    """The config's recipe over freshly initialised networks (the teacher's weights given, if any).
-    config: s2flash_jax.config.Config."""
+def _build(config, loaded: dict[str, nnx.State]) -> tuple[Recipe, TrainState]:
+    """The config's recipe over freshly initialised networks, with the weights `loaded` from
+    checkpoints (see Initialiser). config: s2flash_jax.config.Config."""
     seeds = jax.random.split(jax.random.key(config.seed), 4)
-    recipe, distill = BUILDERS[config.recipe](config, seeds, teacher_params)
+    recipe, distill = BUILDERS[config.recipe](config, seeds, loaded.get("teacher"))
     product = recipe.product
+    if "initial" in loaded:
+        distill = distill.replace(params={**distill.params, product: copy_shared(
+            loaded["initial"], distill.params[product])})
     ema = {product: jax.tree.map(jnp.copy, distill.params[product])} if config.train.ema_decay else {}
     return recipe, TrainState(distill=distill, ema=ema, key=jax.random.key_data(seeds[3]))
+
+
+# A student started from its teacher gets these of its own parameters zeroed, so that at step 0 it
+# computes exactly the teacher's velocity, whatever its guidance input, and logvar 0. Of the guidance
+# embedder only the output layer: zeroing its input layer too (diffusers' training script zeroes
+# all four tensors) leaves silu(0) = 0 between the two, and neither would ever get a gradient.
+ZEROED_IN_A_NEW_STUDENT = ("time_embed/guidance_embedder/linear_2/", "logvar_linear/")
+
+
+def student_from_teacher(teacher: nnx.State, student: nnx.State) -> nnx.State:
+    """The student with every parameter it shares with the teacher copied (copy_shared) and its
+    guidance embedder output and logvar head zero (ZEROED_IN_A_NEW_STUDENT)."""
+    flat = [(path, var.replace(jnp.zeros_like(var.get_value()))
+             if "/".join(map(str, path)).startswith(ZEROED_IN_A_NEW_STUDENT) else var)
+            for path, var in nnx.to_flat_state(copy_shared(teacher, student))]
+    return nnx.from_flat_state(flat)
+
+
+def describe_initialisation(config) -> str:
+    """One line saying where the trained network's starting weights come from."""
+    train = config.train
+    if train.init_checkpoint:
+        return f"{config.recipe}: the trained network starts from {train.init_checkpoint}"
+    if config.recipe != "flow_matching" and train.init_student_from_teacher:
+        teacher = train.teacher_checkpoint or "the randomly initialised teacher (no train.teacher_checkpoint)"
+        return (f"{config.recipe}: the student starts as a copy of {teacher}"
+                + (", guidance embedder output and logvar head zero" if config.model.guidance_embeds else ""))
+    return f"{config.recipe}: the trained network starts from random weights (seed {config.seed})"
 
 
 def copy_shared(source: nnx.State, target: nnx.State) -> nnx.State:
@@ -169,17 +210,22 @@ def initialiser(config) -> Initialiser:
     checked against config.teacher here, before any run writes anything."""
     box: dict[str, Recipe] = {}
 
-    def init(teacher_params: nnx.State | None = None) -> TrainState:
-        recipe, state = _build(config, teacher_params)
+    def init(loaded: dict[str, nnx.State]) -> TrainState:
+        recipe, state = _build(config, loaded)
         box.setdefault("recipe", recipe)
         return state
 
-    abstract = jax.eval_shape(init)
+    try:
+        abstract = jax.eval_shape(init, {})
+    except ValueError as e:  # the recipe's own checks of the networks and settings it is given
+        raise ConfigError(f"the config does not make a {config.recipe} run: {e}") from e
     checkpoint = config.train.teacher_checkpoint
     if checkpoint:
         if config.recipe == "flow_matching":
             raise CheckpointError(f"train.teacher_checkpoint is set but recipe {config.recipe!r} has no teacher")
         check_architecture(checkpoint, config.teacher)
+    if config.train.init_checkpoint:
+        check_architecture(config.train.init_checkpoint, config.model)
     return Initialiser(box["recipe"], init, abstract, config)
 
 
