@@ -6,6 +6,7 @@ RUN_DIR/
   tensorboard/         event files (losses, gradient norms, step time, examples/s, MFU)
   samples/step_<n>.png periodic sample grid (rows: captions, columns: 1, 2, 4 student steps or
                        5, 10, 20 teacher steps)
+  health.json          every health check (train/health.py), with its warnings; the first is the baseline
 
 The same code runs on one CPU and on a pod: every process runs this loop, feeds its slice of each
 global batch, and only process 0 prints or writes anything outside checkpoints.
@@ -27,20 +28,20 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from s2flash_jax.config import Config
 from s2flash_jax.data.pipeline import global_batch, train_batches
-from s2flash_jax.flows.flow_matching import standard_normal
 from s2flash_jax.model_checkpoint import save_model
 from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.outputs import OutputExists, image_grid
 from s2flash_jax.parallel.mesh import batch_sharding, make_mesh, sharded_shapes, tree_shardings
 from s2flash_jax.sampling import few_step_sample, latent_preview
 from s2flash_jax.train.checkpoint import RunCheckpoints
+from s2flash_jax.train.health import HealthMonitor, held_out_batch
 from s2flash_jax.train.metrics import MetricsLogger
-from s2flash_jax.train.state import TrainState, initialiser, product_params
+from s2flash_jax.train.state import TrainState, describe_initialisation, initialiser, product_params
 from s2flash_jax.train.step import compile_ahead, step_peak_bytes
 
 # Config keys a resumed run may change: how long, how often, and how the work is laid out.
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                  "train.sample_every", "mesh.", "data.num_workers", "data.prefetch_buffer")
+                  "train.sample_every", "mesh.", "data.num_workers", "data.prefetch_buffer", "health.")
 SAMPLE_STEPS = (1, 2, 4)
 FLOW_SAMPLE_STEPS = (5, 10, 20)
 
@@ -57,6 +58,7 @@ class RunResult:
     losses: list[dict[str, float]]  # every update's metrics when record_losses, else empty
     product: str  # the trained network the run is for (recipe.product)
     step_peak_bytes: int = 0  # the largest compiled step's peak memory per device (train.step.step_peak_bytes)
+    health: list[dict] = dataclasses.field(default_factory=list)  # this run's health checks (train/health.py)
 
     def export(self, config: Config, path: str | Path, **save_options) -> Path:
         """Write the run's product (its EMA, if kept) as a model checkpoint; see model_checkpoint.save_model."""
@@ -77,7 +79,8 @@ def train(config: Config, out: str | Path, *, resume: bool = False, force: bool 
     mesh = make_mesh(config.mesh)
     _check_batch(config, mesh)
     continuing = _check_run_dir(config, out, resume=resume, force=force)
-    setup = initialiser(config)  # checks a teacher checkpoint before anything is written
+    setup = initialiser(config)  # checks the checkpoints it reads before anything is written
+    _say(primary and not quiet and not resume, describe_initialisation(config))
     data_it = _data_iterator(config, config.train.batch_size, jax.process_index(), jax.process_count(),
                              latents=setup.recipe.needs_latents)
     # A fresh run reads its first batch before writing anything, so bad data leaves no run behind.
@@ -106,6 +109,15 @@ def train(config: Config, out: str | Path, *, resume: bool = False, force: bool 
                            flops_per_step=flops,
                            enabled=primary and not quiet)
     sampler = _Sampler(config, mesh, setup.recipe.product) if config.train.sample_every else None
+    health = None
+    if config.health.every:
+        # A resumed run rebuilds the initial state (deterministic from the config) for θ_init.
+        initial = state if restored is None else setup.create(mesh, shardings)
+        health = HealthMonitor(config, mesh, recipe.product, initial.distill.params[recipe.product],
+                               out / "health.json")
+        del initial
+        if start == 0:
+            health.check(state, 0, logger.writer, primary)
     losses: list[dict[str, float]] = []
     step = start
     try:
@@ -117,6 +129,10 @@ def train(config: Config, out: str | Path, *, resume: bool = False, force: bool 
                 state, metrics = steps[phase](state, batch)
                 step += 1
                 logger.record(step, phase, metrics)
+                if health:
+                    health.observe(metrics)
+                    if step % config.health.every == 0:
+                        health.check(state, step, logger.writer, primary)
                 if record_losses:
                     losses.append({k: float(v) for k, v in jax.device_get(metrics).items()})
                 if step == end or (config.train.checkpoint_every and step % config.train.checkpoint_every == 0):
@@ -130,7 +146,8 @@ def train(config: Config, out: str | Path, *, resume: bool = False, force: bool 
         logger.close(step)
     _say(primary and not quiet, f"stopped at step {step} of {config.train.steps}; checkpoints in {out / 'checkpoints'}")
     return RunResult(state=state, step=step, history=logger.history, losses=losses, product=recipe.product,
-                     step_peak_bytes=max(step_peak_bytes(c) for c in steps.values()))
+                     step_peak_bytes=max(step_peak_bytes(c) for c in steps.values()),
+                     health=health.history if health else [])
 
 
 def _say(enabled: bool, text: str) -> None:
@@ -204,16 +221,10 @@ class _Sampler:
     Latents are shown as their first three channels."""
 
     def __init__(self, config: Config, mesh, product: str):
-        m, count = config.model, config.train.sample_count
+        m = config.model
         self.product = product
-        stream = _data_iterator(config, count, process_index=0, process_count=1, latents=False)
-        first = next(stream)
-        stream.close()
+        self.caption, self.mask, self.noise = held_out_batch(config, mesh, config.train.sample_count)
         replicated = NamedSharding(mesh, PartitionSpec())
-        self.caption = jax.device_put(first["caption"], replicated)
-        self.mask = jax.device_put(first["caption_mask"], replicated)
-        self.noise = jax.device_put(np.asarray(standard_normal(
-            jax.random.key(config.sample.seed), (count, m.sample_size, m.sample_size, m.in_channels))), replicated)
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: SanaTransformer(m, precision=config.precision,
                                                                        rngs=nnx.Rngs(0))))
         guidance = config.sample.guidance_scale
