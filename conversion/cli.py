@@ -42,7 +42,7 @@ def _export(args: argparse.Namespace) -> None:
 
     result = export_checkpoint(args.ckpt, args.out, dtype=args.dtype, pipeline=args.pipeline, force=args.force,
                                max_shard_bytes=parse_size(args.max_shard_size))
-    what = "SanaSprintPipeline" if args.pipeline else "SanaTransformer2DModel"
+    what = result.pipeline or "SanaTransformer2DModel"
     shards = [f for f in result.files if f.suffix == ".safetensors"]
     print(f"exported {args.ckpt} as a diffusers {what} to {args.out}: {result.tensors} tensors in {len(shards)} "
           f"safetensors file{'s' if len(shards) > 1 else ''}" + (f", dtype {args.dtype}" if args.dtype else ""))

@@ -1,5 +1,10 @@
 """`s2flash convert export`: an s2flash model checkpoint -> a diffusers `SanaTransformer2DModel`
-folder, or with a teacher pipeline, a whole `SanaSprintPipeline` folder.
+folder, or with a teacher pipeline (`--pipeline`), a whole diffusers pipeline folder whose kind
+follows the checkpoint: a SANA-Sprint student (guidance_embeds=True) becomes a `SanaSprintPipeline`
+(`SCMScheduler`), a flow model (a SANA-Sprint teacher, timestep_scale=0.001, or base SANA,
+timestep_scale=1.0) a `SanaPipeline` (`FlowMatchEulerDiscreteScheduler`, shift = the checkpoint's
+`sampling.flow_shift`, else 1.0). Both take the VAE, text encoder and tokenizer from the teacher
+pipeline; PIPELINE_KINDS holds what differs. A TwinFlow student has no diffusers form and is refused.
 
 The weights stream out one JAX parameter at a time (read alone from the checkpoint, cut into its
 per-block diffusers tensors, written into safetensors shards), so an export holds about one
@@ -13,6 +18,7 @@ import dataclasses
 import importlib.metadata
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +30,41 @@ from conversion.safetensors_io import TensorSpec, write_sharded
 from conversion.sana_diffusers import JAX_ONLY, key_table, param_shapes, tensor_keys
 from conversion.sources import DIFFUSERS_CLASS
 from s2flash_jax.flows.trigflow import SIGMA_DATA
-from s2flash_jax.model_checkpoint import read_model_config, read_stored_params, stored_params
+from s2flash_jax.model_checkpoint import read_metadata, read_model_config, read_stored_params, stored_params
 from s2flash_jax.models.sana import SanaConfig
 from s2flash_jax.outputs import fresh_output_dir
 
 DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16), "bf16": np.dtype(ml_dtypes.bfloat16)}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # as diffusers' SANA conversion script writes them
 PIPELINE_COMPONENTS = ("vae", "text_encoder", "tokenizer")
-PIPELINE_CLASS = "SanaSprintPipeline"
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineKind:
+    """What differs between the pipeline folders --pipeline writes: the pipeline's class, its
+    scheduler's class, and that scheduler's config (given the checkpoint's directory)."""
+    pipeline: str
+    scheduler: str
+    scheduler_config: Callable[[Path], dict[str, Any]]
+
+
+def _flow_shift(ckpt: Path) -> float:
+    """The checkpoint's model.json `sampling.flow_shift` (what `s2flash sample` uses), else 1.0."""
+    shift = (read_metadata(ckpt).get("sampling") or {}).get("flow_shift", 1.0)
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
+        raise ConversionError(f"{ckpt / 'model.json'}: sampling.flow_shift {shift!r} is not a positive number")
+    return float(shift)
+
+
+# keyed by SanaConfig.guidance_embeds
+PIPELINE_KINDS = {
+    True: PipelineKind("SanaSprintPipeline", "SCMScheduler", lambda ckpt: {
+        "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "prediction_type": "trigflow", "sigma_data": SIGMA_DATA}),
+    # SanaPipeline feeds the transformer 1000·s·timestep_scale, as SanaConfig.flow_time_scale does.
+    False: PipelineKind("SanaPipeline", "FlowMatchEulerDiscreteScheduler", lambda ckpt: {
+        "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "shift": _flow_shift(ckpt)}),
+}
 
 
 @dataclasses.dataclass
@@ -40,6 +73,7 @@ class ExportResult:
     files: list[Path]
     tensors: int
     dropped: list[str]  # JAX parameters and checkpoint components diffusers has no place for
+    pipeline: str | None = None  # the pipeline class written with --pipeline
 
 
 def _diffusers_version() -> dict[str, str]:
@@ -139,12 +173,9 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def check_teacher_pipeline(pipeline: Path, config: SanaConfig) -> dict[str, Any]:
-    """The teacher pipeline's model_index.json, checked to have the parts a Sprint pipeline takes
-    from it and to fit the student (text width = caption_channels, latent channels = in_channels)."""
-    if not config.guidance_embeds:
-        raise ConversionError("--pipeline builds a SanaSprintPipeline, whose transformer is a student with "
-                              "guidance_embeds=True; this checkpoint is a flow model (guidance_embeds=False): export "
-                              "it without --pipeline")
+    """The teacher pipeline's model_index.json, checked to have the parts the exported pipeline
+    takes from it and to fit the transformer (text width = caption_channels, latent channels =
+    in_channels)."""
     index = _read_json(pipeline / "model_index.json", "the pipeline index")
     missing = [name for name in PIPELINE_COMPONENTS if not (pipeline / name).is_dir() or name not in index]
     if missing:
@@ -153,36 +184,37 @@ def check_teacher_pipeline(pipeline: Path, config: SanaConfig) -> dict[str, Any]
     text = _read_json(pipeline / "text_encoder" / "config.json", "the text encoder config")
     width = text.get("hidden_size", text.get("text_config", {}).get("hidden_size"))
     if width is not None and width != config.caption_channels:
-        raise ConversionError(f"--pipeline: its text encoder is {width} wide but the student reads captions of "
+        raise ConversionError(f"--pipeline: its text encoder is {width} wide but the transformer reads captions of "
                               f"caption_channels={config.caption_channels}")
     vae = _read_json(pipeline / "vae" / "config.json", "the VAE config")
     if vae.get("latent_channels", config.in_channels) != config.in_channels:
-        raise ConversionError(f"--pipeline: its VAE has {vae['latent_channels']} latent channels but the student "
+        raise ConversionError(f"--pipeline: its VAE has {vae['latent_channels']} latent channels but the transformer "
                               f"takes in_channels={config.in_channels}")
     return index
 
 
-def write_sprint_pipeline(staging: Path, pipeline: Path, index: dict[str, Any]) -> None:
-    """Everything of a SanaSprintPipeline folder but the transformer: the teacher pipeline's VAE,
-    text encoder and tokenizer, an SCMScheduler config and model_index.json."""
+def write_pipeline(staging: Path, pipeline: Path, index: dict[str, Any], kind: PipelineKind,
+                   scheduler_config: dict[str, Any]) -> None:
+    """Everything of a `kind` pipeline folder but the transformer: the teacher pipeline's VAE, text
+    encoder and tokenizer, the scheduler config and model_index.json."""
     for name in PIPELINE_COMPONENTS:
         shutil.copytree(pipeline / name, staging / name)
     scheduler = staging / "scheduler"
     scheduler.mkdir()
     (scheduler / "scheduler_config.json").write_text(json.dumps({
-        "_class_name": "SCMScheduler", **_diffusers_version(), "num_train_timesteps": 1000,
-        "prediction_type": "trigflow", "sigma_data": SIGMA_DATA}, indent=2) + "\n")
+        "_class_name": kind.scheduler, **_diffusers_version(), **scheduler_config}, indent=2) + "\n")
     (staging / "model_index.json").write_text(json.dumps({
-        "_class_name": PIPELINE_CLASS, **_diffusers_version(),
+        "_class_name": kind.pipeline, **_diffusers_version(),
         **{name: index[name] for name in PIPELINE_COMPONENTS},
-        "scheduler": ["diffusers", "SCMScheduler"], "transformer": ["diffusers", DIFFUSERS_CLASS]}, indent=2) + "\n")
+        "scheduler": ["diffusers", kind.scheduler], "transformer": ["diffusers", DIFFUSERS_CLASS]}, indent=2) + "\n")
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, *, dtype: str | None = None, pipeline: str | Path | None = None,
                       force: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> ExportResult:
     """Write the model checkpoint `ckpt` as a diffusers transformer folder at `out` (dtype: fp32,
     fp16, bf16, or None to keep the stored dtypes), or with `pipeline` (a SanaPipeline folder of the
-    teacher) as a SanaSprintPipeline folder whose transformer/ is the checkpoint's student."""
+    teacher) as a pipeline folder whose transformer/ is the checkpoint's: a SanaSprintPipeline for a
+    student (guidance_embeds), a SanaPipeline for a flow model (see PIPELINE_KINDS)."""
     ckpt, out = Path(ckpt), Path(out)
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -191,14 +223,17 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, dtype: str | None = 
         raise ConversionError(f"{ckpt} is a TwinFlow student (twinflow_embeds=True): its target-time and "
                               "negative-time embeddings have no place in diffusers' SanaTransformer2DModel, which "
                               "would sample it as a plain flow model; sample it with `s2flash sample` instead")
-    index = None if pipeline is None else check_teacher_pipeline(Path(pipeline), config)
+    kind = PIPELINE_KINDS[config.guidance_embeds]
+    if pipeline is not None:  # every check before anything is written
+        index = check_teacher_pipeline(Path(pipeline), config)
+        scheduler_config = kind.scheduler_config(ckpt)
     with fresh_output_dir(out, force=force) as staging:
         transformer = staging if pipeline is None else staging / "transformer"
         files, tensors = write_transformer(ckpt, config, transformer, dtype=DTYPES.get(dtype),
                                            max_shard_bytes=max_shard_bytes)
-        if index is not None:
-            write_sprint_pipeline(staging, Path(pipeline), index)
+        if pipeline is not None:
+            write_pipeline(staging, Path(pipeline), index, kind, scheduler_config)
     dropped = [p for p in stored_params(ckpt) if p.startswith(JAX_ONLY)]
     extra_files = [p.name for p in ckpt.iterdir() if p.name not in ("model.json", "params")]
     files = [out / f.relative_to(staging) for f in files]
-    return ExportResult(config, files, tensors, dropped + extra_files)
+    return ExportResult(config, files, tensors, dropped + extra_files, None if pipeline is None else kind.pipeline)

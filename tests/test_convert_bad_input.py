@@ -1,13 +1,18 @@
 """Bad input to `s2flash convert`: exit code 2, one line naming the problem, nothing at the output path."""
 
+import dataclasses
 import json
 import sys
 
 import pytest
 import torch
+from flax import nnx
 
 from s2flash_jax.cli import build_parser
+from s2flash_jax.model_checkpoint import save_model
+from s2flash_jax.models.sana import SanaConfig, SanaTransformer
 from tests.convert_fixtures import CONFIGS, convert, random_transformer, save_transformer, write_config, write_original
+from tests.sana_reference import BASE
 
 
 def refused(capsys, tmp_path, *args, out="out") -> str:
@@ -114,16 +119,49 @@ def test_missing_torch_extra_is_named(tmp_path, capsys, monkeypatch):
     assert "convert import needs the [torch] extra (module 'torch' is not installed)" in message
 
 
-def test_pipeline_export_needs_a_student_and_a_complete_pipeline(diffusers_folder, tmp_path, capsys):
+def fake_pipeline(path, *, text_width, latent_channels):
+    """A pipeline folder as far as export reads it: model_index.json and the component configs."""
+    for name, config in (("vae", {"latent_channels": latent_channels}), ("text_encoder", {"hidden_size": text_width}),
+                         ("tokenizer", {})):
+        (path / name).mkdir(parents=True)
+        (path / name / "config.json").write_text(json.dumps(config))
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": "SanaPipeline", "vae": ["diffusers", "AutoencoderDC"],
+        "text_encoder": ["transformers", "Gemma2Model"], "tokenizer": ["transformers", "GemmaTokenizerFast"]}))
+    return path
+
+
+def test_pipeline_export_needs_a_complete_pipeline_that_fits(diffusers_folder, tmp_path, capsys):
     teacher = save_transformer(random_transformer(CONFIGS["sprint_teacher"]), tmp_path / "teacher")
-    convert(capsys, "import", "--format", "diffusers", teacher, "--out", tmp_path / "teacher_ckpt")
-    (tmp_path / "pipe").mkdir()
-    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps({"_class_name": "SanaPipeline"}))
-    assert "this checkpoint is a flow model (guidance_embeds=False)" in refused(
-        capsys, tmp_path, "export", tmp_path / "teacher_ckpt", "--out", tmp_path / "out", "--pipeline", tmp_path / "pipe")
+    convert(capsys, "import", "--format", "diffusers", teacher, "--out", tmp_path / "flow_ckpt")
     convert(capsys, "import", "--format", "diffusers", diffusers_folder, "--out", tmp_path / "student_ckpt")
-    assert "lacks vae, text_encoder, tokenizer" in refused(
-        capsys, tmp_path, "export", tmp_path / "student_ckpt", "--out", tmp_path / "out", "--pipeline", tmp_path / "pipe")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "model_index.json").write_text(json.dumps({"_class_name": "SanaPipeline"}))
+    narrow = fake_pipeline(tmp_path / "narrow", text_width=16, latent_channels=4)  # the models read 24-wide captions
+    deep = fake_pipeline(tmp_path / "deep", text_width=24, latent_channels=32)  # the models take 4 channels
+    for ckpt in ("flow_ckpt", "student_ckpt"):  # a SanaPipeline and a SanaSprintPipeline export alike
+        export = ("export", tmp_path / ckpt, "--out", tmp_path / "out", "--pipeline")
+        assert f"--pipeline {tmp_path / 'empty'} lacks vae, text_encoder, tokenizer" in refused(
+            capsys, tmp_path, *export, tmp_path / "empty")
+        assert "its text encoder is 16 wide but the transformer reads captions of caption_channels=24" in refused(
+            capsys, tmp_path, *export, narrow)
+        assert "its VAE has 32 latent channels but the transformer takes in_channels=4" in refused(
+            capsys, tmp_path, *export, deep)
+
+    meta = tmp_path / "flow_ckpt" / "model.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "sampling": {"flow_shift": -3}}))
+    assert f"{meta}: sampling.flow_shift -3 is not a positive number" in refused(
+        capsys, tmp_path, "export", tmp_path / "flow_ckpt", "--out", tmp_path / "out", "--pipeline",
+        fake_pipeline(tmp_path / "fits", text_width=24, latent_channels=4))
+
+
+def test_a_twinflow_student_is_not_exported(tmp_path, capsys):
+    config = dataclasses.replace(SanaConfig.from_diffusers({**BASE, **CONFIGS["sprint_teacher"]}), twinflow_embeds=True)
+    save_model(tmp_path / "twin_ckpt", config, nnx.state(SanaTransformer(config, rngs=nnx.Rngs(0)), nnx.Param))
+    pipeline = fake_pipeline(tmp_path / "pipe", text_width=config.caption_channels, latent_channels=config.in_channels)
+    for extra in ((), ("--pipeline", pipeline)):
+        assert f"{tmp_path / 'twin_ckpt'} is a TwinFlow student (twinflow_embeds=True)" in refused(
+            capsys, tmp_path, "export", tmp_path / "twin_ckpt", "--out", tmp_path / "out", *extra)
 
 
 def test_import_help_names_every_preset(capsys, monkeypatch):
