@@ -4,7 +4,9 @@ on 32x32 procedural shape images, sized to run end to end on a laptop CPU.
 Variants: `configs/shapes.py` distils the student (sCM + LADD) from `train.teacher_checkpoint`;
 `configs/shapes.py:tbcm` distils it image-free on the teacher's trajectories (TBCM, prompts only);
 `configs/shapes.py:twinflow` turns a copy of the teacher into a few-step model (TwinFlow, no teacher);
-`configs/shapes.py:teacher` trains the teacher with flow matching; add `,quick` to any for the
+`configs/shapes.py:teacher` trains the teacher with flow matching (`:teacher,legacy`: in base
+SANA's conventions, no QK-norm and the time embedder fed 1000·s); `configs/shapes.py:prepare`
+turns such a teacher into a Sprint teacher (`s2flash prepare-teacher`); add `,quick` to any for the
 short run the tests use. Latents are the lossless space-to-depth "autoencoder" of the images
 (factor 2: 16x16x12), captions the frozen word-level text encoder's 20 x 64 embeddings; `s2flash
 demo` writes both into the run's data directory and sets `data.path`.
@@ -27,7 +29,7 @@ Why these choices (measured on the held-out prompts, 600 teacher steps):
 import dataclasses
 import math
 
-from s2flash_jax.config import Config, SampleConfig, TrainConfig
+from s2flash_jax.config import Config, PrepareTeacherConfig, SampleConfig, TrainConfig
 from s2flash_jax.data.pipeline import DataConfig
 from s2flash_jax.losses.ladd import LADDConfig
 from s2flash_jax.losses.scm import SCMConfig
@@ -69,6 +71,7 @@ TEACHER = SanaConfig(
 )
 STUDENT = dataclasses.replace(TEACHER, guidance_embeds=True, timestep_scale=1.0, logvar_head=True)
 TWINFLOW = dataclasses.replace(TEACHER, twinflow_embeds=True)
+LEGACY_TEACHER = dataclasses.replace(TEACHER, qk_norm=None, timestep_scale=1.0)  # base SANA's conventions
 
 # (teacher steps, student steps) for the full demo and for --quick.
 STEPS = {"full": (1200, 160), "quick": (100, 20)}
@@ -76,9 +79,11 @@ STEPS = {"full": (1200, 160), "quick": (100, 20)}
 
 def get_config(arg=None):
     tokens = [t for t in (arg or "").split(",") if t]
-    recipes = {"teacher", "tbcm", "twinflow"}
-    if set(tokens) - recipes - {"quick"} or len(set(tokens) & recipes) > 1:
-        raise ValueError(f"variant {arg!r}: expected at most one of 'teacher' / 'tbcm' / 'twinflow', and/or 'quick'")
+    recipes = {"teacher", "tbcm", "twinflow", "prepare"}
+    if set(tokens) - recipes - {"quick", "legacy"} or len(set(tokens) & recipes) > 1 or (
+            "legacy" in tokens and "teacher" not in tokens):
+        raise ValueError(f"variant {arg!r}: expected at most one of 'teacher' (optionally with 'legacy') / 'tbcm' / "
+                         "'twinflow' / 'prepare', and/or 'quick'")
     teacher_steps, student_steps = STEPS["quick" if "quick" in tokens else "full"]
     batch_size = 8 if "quick" in tokens else 32  # --quick only checks that every stage runs
     train = dict(batch_size=batch_size, optimizer="adamw", clip_norm=1.0, ema_decay=0.99, log_every=50,
@@ -89,8 +94,20 @@ def get_config(arg=None):
                             guidance_scale=GUIDANCE_SCALE, flow_shift=FLOW_SHIFT),
         data=DataConfig(caption_length=CAPTION_LENGTH),
     )
+    if "prepare" in tokens:
+        # Fine-tuning a trained teacher into the Sprint conventions: a tenth of the teacher's
+        # learning rate, the time embedding and new norms first, then everything.
+        quick = "quick" in tokens
+        return Config(model=TEACHER, recipe="flow_matching",
+                      flow_matching=FlowMatchingConfig(time_mean=2.0, caption_dropout=0.1),
+                      train=TrainConfig(steps=1, learning_rate=3e-4, warmup_steps=20 if quick else 50,
+                                        schedule="cosine", end_learning_rate=1e-5, **train),
+                      prepare_teacher=PrepareTeacherConfig(embedding_steps=20 if quick else 200,
+                                                           full_steps=40 if quick else 400,
+                                                           full_warmup_steps=10 if quick else 100),
+                      **common)
     if "teacher" in tokens:
-        return Config(model=TEACHER, recipe="flow_matching", flow_matching=FlowMatchingConfig(time_mean=2.0, caption_dropout=0.1),
+        return Config(model=LEGACY_TEACHER if "legacy" in tokens else TEACHER, recipe="flow_matching", flow_matching=FlowMatchingConfig(time_mean=2.0, caption_dropout=0.1),
                       train=TrainConfig(steps=teacher_steps, learning_rate=3e-3, schedule="cosine",
                                         warmup_steps=min(100, teacher_steps // 10), end_learning_rate=1e-5, **train),
                       **common)

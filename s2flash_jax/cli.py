@@ -84,6 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
                             "a copy of the teacher with a zero guidance embedder output and logvar head, so the "
                             "student equals the teacher at step 0)")
 
+    prepare = commands.add_parser(
+        "prepare-teacher", help="turn a SANA flow checkpoint into a SANA-Sprint teacher (QK-norm, dense time embedding)",
+        description="Insert QK RMSNorm into every attention of a flow-model checkpoint that lacks it, switch its time "
+                    "embedding to the dense convention (fed s instead of 1000·s), and fine-tune it with flow matching "
+                    "on the config's data: the time embedding and new norms first (prepare_teacher.embedding_steps), "
+                    "then all layers with a learning-rate warm-up (prepare_teacher.full_steps / full_warmup_steps). "
+                    "Reports how far the prepared teacher's velocity is from the original's before and after. "
+                    "Rerunning resumes. See docs/teacher.md.")
+    _add_config_args(prepare)
+    prepare.add_argument("--from", dest="source", required=True, metavar="CKPT",
+                         help="model checkpoint of the flow model (e.g. from `s2flash convert import`)")
+    prepare.add_argument("--out", required=True, metavar="CKPT", help="where the prepared teacher checkpoint goes")
+    prepare.add_argument("--work", default=None, metavar="DIR",
+                         help="working directory of the stages (default: OUT-work); rerunning resumes from it")
+    prepare.add_argument("--force", action="store_true", help="replace --out and start the work over")
+
     plan = commands.add_parser(
         "plan", help="per-device memory of the training step on a mesh, without the accelerators",
         description="Compile the full training step ahead of time on N fake CPU devices laid out as --mesh and "
@@ -140,8 +156,9 @@ def _add_convert_parser(commands) -> None:
         "convert", help="move checkpoints between PyTorch (diffusers, original SANA) and s2flash",
         description="Import a diffusers SanaTransformer2DModel folder or an original NVlabs SANA / SANA-Sprint "
                     "checkpoint as an s2flash model checkpoint, export one as a diffusers transformer (or a whole "
-                    "SanaSprintPipeline), or inspect any of them. Tensors stream one at a time; outputs appear "
-                    "only when complete. Needs the [torch] extra for .pth files and --pipeline.")
+                    "SanaSprintPipeline for a student, SanaPipeline for a teacher), or inspect any of them. Tensors "
+                    "stream one at a time; outputs appear only when complete. Needs the [torch] extra for .pth files "
+                    "and --pipeline.")
     actions = convert.add_subparsers(dest="convert_command", required=True)
     imp = actions.add_parser("import", help="diffusers / original SANA checkpoint -> s2flash model checkpoint")
     imp.add_argument("--format", required=True, choices=("diffusers", "sana"),
@@ -155,14 +172,16 @@ def _add_convert_parser(commands) -> None:
                           "or a diffusers-style config.json; default: the one student preset the shapes fit")
     imp.add_argument("--force", action="store_true", help="replace an existing output")
 
-    exp = actions.add_parser("export", help="s2flash model checkpoint -> diffusers transformer or SanaSprintPipeline")
+    exp = actions.add_parser("export", help="s2flash model checkpoint -> diffusers transformer, SanaPipeline or SanaSprintPipeline")
     exp.add_argument("ckpt", help="model checkpoint directory")
     exp.add_argument("--out", required=True, help="diffusers folder to write")
     exp.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                      help="weight dtype (default: as stored in the checkpoint)")
     exp.add_argument("--pipeline", default=None, metavar="TEACHER_PIPELINE_DIR",
-                     help="write a whole SanaSprintPipeline, taking the VAE, text encoder and tokenizer from this "
-                          "diffusers pipeline folder (e.g. the teacher's SanaPipeline)")
+                     help="write a whole diffusers pipeline, taking the VAE, text encoder and tokenizer from this "
+                          "pipeline folder (e.g. the teacher's SanaPipeline): a SanaSprintPipeline for a SANA-Sprint "
+                          "student (guidance_embeds), a SanaPipeline for a flow model (its FlowMatchEulerDiscrete"
+                          "Scheduler shifted by the checkpoint's sampling.flow_shift, else 1.0)")
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     exp.add_argument("--force", action="store_true", help="replace an existing output")
 
@@ -316,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
             result = train(config, args.out, resume=args.resume, force=args.force, stop_after=args.stop_after)
             if args.export and result.step == config.train.steps:
                 print(f"exported the {result.product} to {result.export(config, args.export, force=args.force)}")
+        elif args.command == "prepare-teacher":
+            from s2flash_jax.prepare_teacher import run_prepare_teacher
+
+            run_prepare_teacher(config, args.source, args.out, work=args.work, force=args.force)
         elif args.command == "plan":
             from s2flash_jax.train.plan import plan_memory
 

@@ -123,6 +123,42 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PrepareTeacherConfig:
+    """`s2flash prepare-teacher`: a SANA flow checkpoint -> a teacher SANA-Sprint can distil from.
+
+    qk_norm, timestep_scale: what the prepared teacher gets (SANA-Sprint's: RMSNorm across heads on
+    every attention's queries and keys, and the dense time embedding 0.001, with which the embedder
+    is fed s instead of 1000·s). The converted weights are then fine-tuned with flow matching
+    (flow_matching.* and train.* as for teacher training):
+      embedding_steps: stage 1, only parameters matching embedding_trainable (the time embedding
+        and the QK norms) train, at train.learning_rate after train.warmup_steps;
+      full_steps: stage 2, every parameter, the learning rate warmed up from 0 over
+        full_warmup_steps (all layers at once at full rate is where the reported loss spike is).
+    eval_path: held-out records (a dataset as data.path takes) on which the prepared teacher's
+      velocity is compared with the original's; empty: the training data in another order.
+    eval_examples: how many; eval_times: flow times per example, (k + 1/2) / eval_times.
+    """
+
+    qk_norm: str | None = "rms_norm_across_heads"
+    timestep_scale: float = 0.001
+    embedding_steps: int = 1000
+    embedding_trainable: Sequence[str] = ("time_embed/*", "*/norm_q/*", "*/norm_k/*")
+    full_steps: int = 2000
+    full_warmup_steps: int = 500
+    eval_path: str = ""
+    eval_examples: int = 64
+    eval_times: int = 8
+
+    def __post_init__(self):
+        for key in ("embedding_steps", "full_steps", "full_warmup_steps"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"prepare_teacher.{key}={getattr(self, key)} must be >= 0")
+        if self.eval_examples < 1 or self.eval_times < 1 or not self.timestep_scale > 0:
+            raise ValueError(f"prepare_teacher: eval_examples ({self.eval_examples}) and eval_times "
+                             f"({self.eval_times}) must be >= 1 and timestep_scale ({self.timestep_scale}) > 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole run. model is the network `sample` runs and `train` trains (the student; for the
     flow_matching recipe, the teacher being trained); teacher is the frozen network a distillation
@@ -141,6 +177,7 @@ class Config:
     twinflow: TwinFlowConfig = TwinFlowConfig()
     flow_matching: FlowMatchingConfig = FlowMatchingConfig()
     health: HealthConfig = HealthConfig()
+    prepare_teacher: PrepareTeacherConfig = PrepareTeacherConfig()
     seed: int = 0
 
     def __post_init__(self):

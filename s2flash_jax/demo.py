@@ -43,7 +43,7 @@ from s2flash_jax.models.text_encoder import FrozenTextEncoder, TextEncoderConfig
 from s2flash_jax.outputs import OutputExists
 from s2flash_jax.parallel.mesh import make_mesh
 from s2flash_jax.pipeline import TextToImage
-from s2flash_jax.train.loop import train
+from s2flash_jax.train.loop import STEP_MEMORY, train_and_export
 from s2flash_jax.train.state import create_train_state, product_params
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shapes.py"
@@ -51,7 +51,6 @@ DATA_SEED = 0
 STUDENT_STEPS = (1, 2, 4)
 TEACHER_STEPS = 20
 GRID_PROMPTS = 8
-STEP_MEMORY = "step_memory.json"  # in each run directory: what its compiled train steps hold at their peak
 IMAGE_SIZE = 32
 # recipe -> (variant of configs/shapes.py, run directory, label of its rows)
 RECIPES = {"sana-sprint": ("", "student", "student"), "tbcm": ("tbcm", "student-tbcm", "TBCM student"),
@@ -104,8 +103,8 @@ def run_shapes_demo(out: Path, *, quick: bool = False, force: bool = False,
     clock["data_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    teacher_ckpt = _train_stage("teacher", teacher_config, out / "teacher",
-                                _component_writer(out / "text_encoder", autoencoder, teacher_config))
+    teacher_ckpt = train_and_export("teacher", teacher_config, out / "teacher",
+                                    **component_writer(out / "text_encoder", autoencoder, teacher_config))
     clock["teacher_s"] = time.perf_counter() - start
 
     students, training, configs = {}, {}, {}
@@ -116,8 +115,8 @@ def run_shapes_demo(out: Path, *, quick: bool = False, force: bool = False,
             f"{CONFIG}:{','.join(t for t in (config_variant, variant.lstrip(',')) if t)}",
             [f"data.path={out / ('prompts' if recipe == 'tbcm' else 'data')}", f"train.teacher_checkpoint={teacher_ckpt}"])
         configs[label] = student_config
-        students[label] = _train_stage(run_name, student_config, out / run_name,
-                                       _component_writer(out / "text_encoder", autoencoder, student_config))
+        students[label] = train_and_export(run_name, student_config, out / run_name,
+                                           **component_writer(out / "text_encoder", autoencoder, student_config))
         clock[f"{run_name}_s"] = time.perf_counter() - start
         measured = out / run_name / STEP_MEMORY  # absent for a run trained before it was recorded
         training[recipe] = {"steps": student_config.train.steps, "batch_size": student_config.train.batch_size,
@@ -179,7 +178,7 @@ def _feature_net(path: Path, steps: int):
     return load_feature_net(path)
 
 
-def _component_writer(text_encoder_dir: Path, autoencoder: SpaceToDepthAutoencoder, config: Config):
+def component_writer(text_encoder_dir: Path, autoencoder: SpaceToDepthAutoencoder, config: Config):
     """What every exported demo model carries: its text encoder, autoencoder and sampling defaults."""
     metadata = {"text_encoder": "text_encoder",
                 "autoencoder": {"kind": "space_to_depth", **dataclasses.asdict(autoencoder.config)},
@@ -191,30 +190,10 @@ def _component_writer(text_encoder_dir: Path, autoencoder: SpaceToDepthAutoencod
     return {"metadata": metadata, "write_components": write}
 
 
-def _train_stage(name: str, config: Config, run_dir: Path, components: dict) -> Path:
-    """Train (or resume) the run and export its product; skipped when the export exists."""
-    ckpt = run_dir / "model"
-    if (ckpt / "model.json").is_file():
-        print(f"{name}: {ckpt} exists, skipping")
-        return ckpt
-    print(f"{name}: {config.recipe} for {config.train.steps} steps in {run_dir}", flush=True)
-    start = time.perf_counter()
-    result = train(config, run_dir, resume=True)
-    (run_dir / STEP_MEMORY).write_text(json.dumps({"step_peak_mb": result.step_peak_bytes / 2**20,
-                                                   "train_s": time.perf_counter() - start}) + "\n")
-    result.export(config, ckpt, force=True, **components)
-    return ckpt
-
-
 def _evaluate(out: Path, teacher_ckpt: Path, students: dict[str, Path], configs: dict[str, Config], feature_net,
               size: DemoSize) -> dict:
     """students, configs: row label -> checkpoint, and the config that trained it. The first
     recipe's student also gets a row before any update: where its distillation starts."""
-    scenes = shapes.heldout_scenes()
-    prompts = [shapes.prompt(s) for s in scenes] * size.samples_per_prompt
-    all_scenes = scenes * size.samples_per_prompt
-    references = shapes.render_batch(all_scenes, seed=12345)
-    reference_features = image_features(feature_net, references)
     teacher = TextToImage.load(teacher_ckpt)
     loaded = {label: TextToImage.load(ckpt) for label, ckpt in students.items()}
     first = next(iter(students))
@@ -224,7 +203,29 @@ def _evaluate(out: Path, teacher_ckpt: Path, students: dict[str, Path], configs:
     rows = {"reference renders": (None, 0)} | {f"teacher, {TEACHER_STEPS} steps": (teacher, TEACHER_STEPS),
                                                "student before distillation, 1 step": (before, 1)}
     for label, student in loaded.items():
-        rows |= {f"{label}, {n} step{'s' if n > 1 else ''}": (student, n) for n in STUDENT_STEPS}
+        rows |= student_rows(label, student)
+    results, grid_columns, prompts = score_models(rows, feature_net, size.samples_per_prompt)
+    _sample_grid(prompts[:GRID_PROMPTS], grid_columns).save(out / "grid.png")
+    _log_scalars(out / "tensorboard", results)
+    return {"models": results, "heldout_prompts": len(prompts) // size.samples_per_prompt,
+            "samples_per_prompt": size.samples_per_prompt, "teacher_steps_trained": _run_steps(out / "teacher")}
+
+
+def student_rows(label: str, student: TextToImage) -> dict[str, tuple[TextToImage, int]]:
+    """The evaluation rows of a few-step model: 1, 2 and 4 steps."""
+    return {f"{label}, {n} step{'s' if n > 1 else ''}": (student, n) for n in STUDENT_STEPS}
+
+
+def score_models(rows: dict[str, tuple[TextToImage | None, int]], feature_net,
+                 samples_per_prompt: int) -> tuple[dict[str, dict], dict[str, np.ndarray], list[str]]:
+    """Sample the held-out prompts (samples_per_prompt seeds each) with every row's model at its
+    step count (None: reference renders of other seeds) and score them: alignment accuracy by
+    attribute, Fréchet distance to renders, images/s. Returns (results by label, the first
+    GRID_PROMPTS images by label, the prompts)."""
+    scenes = shapes.heldout_scenes()
+    prompts = [shapes.prompt(s) for s in scenes] * samples_per_prompt
+    all_scenes = scenes * samples_per_prompt
+    reference_features = image_features(feature_net, shapes.render_batch(all_scenes, seed=12345))
     results, grid_columns = {}, {}
     for label, (pipeline, steps) in tqdm(rows.items(), desc="evaluating", unit="model"):
         timings = {}
@@ -237,10 +238,7 @@ def _evaluate(out: Path, teacher_ckpt: Path, students: dict[str, Path], configs:
                           "frechet": frechet_distance(image_features(feature_net, images), reference_features),
                           **({"images_per_s": timings["images"] / timings["seconds"]} if timings else {})}
         grid_columns[label] = images[:GRID_PROMPTS]
-    _sample_grid(prompts[:GRID_PROMPTS], grid_columns).save(out / "grid.png")
-    _log_scalars(out / "tensorboard", results)
-    return {"models": results, "heldout_prompts": len(scenes), "samples_per_prompt": size.samples_per_prompt,
-            "teacher_steps_trained": _run_steps(out / "teacher")}
+    return results, grid_columns, prompts
 
 
 def _run_steps(run_dir: Path) -> int:

@@ -11,7 +11,7 @@ from flax import nnx
 
 from s2flash_jax.cli import main
 from s2flash_jax.config import load_config
-from s2flash_jax.model_checkpoint import CheckpointError, save_model
+from s2flash_jax.model_checkpoint import load_params, save_model
 from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.parallel.mesh import make_mesh
 from s2flash_jax.train.loop import train
@@ -92,7 +92,6 @@ def test_student_init_checkpoint_is_the_starting_point_and_must_fit(dataset, tmp
     saved = flat(nnx.state(SanaTransformer(config.model, rngs=nnx.Rngs(0))))  # only for the paths
     got = flat(state.distill.params["student"])
     assert got.keys() == saved.keys()
-    from s2flash_jax.model_checkpoint import load_params
     abstract = nnx.state(nnx.eval_shape(lambda: SanaTransformer(config.model, rngs=nnx.Rngs(0))))
     want = flat(load_params(start, config.model, abstract))
     for key in want:

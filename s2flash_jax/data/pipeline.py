@@ -138,6 +138,18 @@ def train_batches(config: DataConfig, *, global_batch_size: int, seed: int,
     return iter(iter_dataset)
 
 
+def first_batch(config: DataConfig, count: int, *, seed: int, latent_shape: tuple[int, int, int] | None,
+                caption_length: int, caption_dim: int) -> dict[str, np.ndarray]:
+    """The first `count` rows of the one-process stream with `seed` (see train_batches): a fixed set
+    of examples for checks and previews, the same on every process."""
+    stream = train_batches(config, global_batch_size=count, seed=seed, latent_shape=latent_shape,
+                           caption_length=caption_length, caption_dim=caption_dim, process_index=0, process_count=1)
+    try:
+        return next(stream)
+    finally:
+        stream.close()
+
+
 def global_batch(local: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
     """Assemble every process's local batch into global arrays sharded by `sharding`.
 

@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from s2flash_jax.data.pipeline import train_batches
+from s2flash_jax.data.pipeline import first_batch
 from s2flash_jax.flows.flow_matching import standard_normal
 from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.sampling import few_step_sample
@@ -75,11 +75,8 @@ def held_out_batch(config, mesh, count: int) -> tuple[jax.Array, jax.Array, jax.
     """(caption [count, L, D], caption_mask [count, L], unit noise [count, H, W, C]), replicated on
     the mesh: the first captions of the data and noise from config.sample.seed."""
     m = config.model
-    stream = train_batches(config.data, global_batch_size=count, seed=config.seed, latent_shape=None,
-                           caption_length=config.data.caption_length, caption_dim=m.caption_channels,
-                           process_index=0, process_count=1)
-    first = next(stream)
-    stream.close()
+    first = first_batch(config.data, count, seed=config.seed, latent_shape=None,
+                        caption_length=config.data.caption_length, caption_dim=m.caption_channels)
     noise = standard_normal(jax.random.key(config.sample.seed), (count, m.sample_size, m.sample_size, m.in_channels))
     replicated = NamedSharding(mesh, PartitionSpec())
     return tuple(jax.device_put(np.asarray(x), replicated) for x in (first["caption"], first["caption_mask"], noise))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 from pathlib import Path
 
 import jax
@@ -43,6 +44,7 @@ from s2flash_jax.train.step import compile_ahead, step_peak_bytes
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                   "train.sample_every", "mesh.", "data.num_workers", "data.prefetch_buffer", "health.")
 SAMPLE_STEPS = (1, 2, 4)
+STEP_MEMORY = "step_memory.json"  # in a run directory: its wall time and its compiled steps' peak memory
 FLOW_SAMPLE_STEPS = (5, 10, 20)
 
 
@@ -148,6 +150,23 @@ def train(config: Config, out: str | Path, *, resume: bool = False, force: bool 
     return RunResult(state=state, step=step, history=logger.history, losses=losses, product=recipe.product,
                      step_peak_bytes=max(step_peak_bytes(c) for c in steps.values()),
                      health=health.history if health else [])
+
+
+def train_and_export(name: str, config: Config, run_dir: Path, **export_options) -> Path:
+    """Train (or resume) the run in run_dir and export its product to run_dir/model (see
+    RunResult.export for the options); skipped when that export exists. Records the run's wall time
+    and step memory in run_dir/STEP_MEMORY. Returns the model checkpoint."""
+    ckpt = run_dir / "model"
+    if (ckpt / "model.json").is_file():
+        print(f"{name}: {ckpt} exists, skipping")
+        return ckpt
+    print(f"{name}: {config.recipe} for {config.train.steps} steps in {run_dir}", flush=True)
+    start = time.perf_counter()
+    result = train(config, run_dir, resume=True)
+    (run_dir / STEP_MEMORY).write_text(json.dumps({"step_peak_mb": result.step_peak_bytes / 2**20,
+                                                   "train_s": time.perf_counter() - start}) + "\n")
+    result.export(config, ckpt, force=True, **export_options)
+    return ckpt
 
 
 def _say(enabled: bool, text: str) -> None:
