@@ -14,6 +14,7 @@ from s2flash_jax.config import Config, SampleConfig, TrainConfig
 from s2flash_jax.data.pipeline import DataConfig
 from s2flash_jax.models.sana import SanaConfig
 from s2flash_jax.precision import Precision
+from s2flash_jax.train.health import HealthConfig
 
 SIZES = {
     # heads x 32 = width; cross heads x cross head dim = width
@@ -61,4 +62,6 @@ def get_config(arg=None):
         train=TrainConfig(batch_size=128, learning_rate=2e-6, warmup_steps=5000, clip_norm=0.1,
                           checkpoint_every=500, sample_every=500, teacher_dtype="bfloat16"),
         data=DataConfig(caption_length=300),
+        # SANA samples 1024 px with flow_shift 3: the teacher's reference solution does too.
+        health=HealthConfig(every=500, teacher_flow_shift=3.0),
     )

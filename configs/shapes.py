@@ -39,6 +39,7 @@ from s2flash_jax.precision import Precision
 from s2flash_jax.recipes.flow_matching import FlowMatchingConfig
 from s2flash_jax.recipes.sana_sprint import SanaSprintConfig
 from s2flash_jax.recipes.tbcm import TBCMConfig
+from s2flash_jax.train.health import HealthConfig
 
 AUTOENCODER_FACTOR = 2
 IMAGE_SIZE = 32
@@ -111,6 +112,8 @@ def get_config(arg=None):
                       train=TrainConfig(steps=teacher_steps, learning_rate=3e-3, schedule="cosine",
                                         warmup_steps=min(100, teacher_steps // 10), end_learning_rate=1e-5, **train),
                       **common)
+    # Distillation health (train/health.py) five times a run; --quick only checks that stages run.
+    common["health"] = HealthConfig(every=0 if "quick" in tokens else student_steps // 4, teacher_flow_shift=FLOW_SHIFT)
     if "twinflow" in tokens:
         # No teacher: the student starts as the flow model itself and is its own target (EMA). Guidance is
         # baked in, target + ratio·(cond − uncond): ratio 2 is the teacher's scale 3 when the EMA is the flow
