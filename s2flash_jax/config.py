@@ -75,8 +75,8 @@ class TrainConfig:
     init_checkpoint: a model checkpoint with config.model's architecture holding the starting
       weights of the trained network (the student of a distillation, the model of flow matching);
       `s2flash train --student-init`. When set, init_student_from_teacher is not used.
-    init_student_from_teacher: the student starts as a copy of the teacher, its own parts
-      (guidance embedder output, logvar head) zero, so at step 0 it computes exactly the teacher.
+    init_student_from_teacher: the student starts as a copy of the teacher with its guidance
+      embedder's output layer zero, so at step 0 it computes exactly the teacher.
     trainable: glob patterns over the trained network's '/'-joined parameter paths (e.g.
       "time_embed/*", "*/norm_q/*"); only matching parameters are updated, the others keep their
       values and hold no optimizer state. Empty: all.

@@ -82,12 +82,14 @@ def read_model_config(path: str | Path) -> SanaConfig:
         raise CheckpointError(f"{path}/model.json: its model config cannot be used: {e}") from e
 
 
-def check_architecture(path: str | Path, expected: SanaConfig) -> None:
-    """Raise CheckpointError naming every architecture key in which the checkpoint differs."""
+def check_architecture(path: str | Path, expected: SanaConfig, ignoring: Sequence[str] = ()) -> None:
+    """Raise CheckpointError naming every architecture key in which the checkpoint differs (apart
+    from execution keys and the keys `ignoring`)."""
     saved = read_model_config(path)
+    skipped = (*SanaConfig.EXECUTION_KEYS, *ignoring)
     differing = [f"{f.name}={getattr(saved, f.name)!r} (expected {getattr(expected, f.name)!r})"
                  for f in dataclasses.fields(SanaConfig)
-                 if f.name not in SanaConfig.EXECUTION_KEYS and getattr(saved, f.name) != getattr(expected, f.name)]
+                 if f.name not in skipped and getattr(saved, f.name) != getattr(expected, f.name)]
     if differing:
         raise CheckpointError(f"model checkpoint {path} holds a different architecture: {', '.join(differing)}")
 

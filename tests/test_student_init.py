@@ -68,9 +68,9 @@ def test_the_default_student_computes_exactly_the_teacher_and_learns_guidance(da
     expected = np.asarray(teacher(x, s, caption, mask))
     assert np.abs(expected).max() > 0.1  # a real output, not the zero of a fresh proj_out
     for guidance in (0.0, 0.45, 0.9):
-        out, logvar = student(x, s, caption, mask, jnp.full((8,), guidance), return_logvar=True)
-        np.testing.assert_array_equal(np.asarray(out), expected)
-        np.testing.assert_array_equal(np.asarray(logvar), 0.0)
+        np.testing.assert_array_equal(np.asarray(student(x, s, caption, mask, jnp.full((8,), guidance))), expected)
+    # The logvar head (the sCM loss's weight, not part of the velocity) keeps its own initialisation.
+    assert np.abs(flat(state.distill.params["student"])["logvar_linear/kernel"]).max() > 0
 
     # Only the guidance embedder's output layer is zero: its first layer still passes a gradient,
     # so a few updates make the student depend on its guidance input.

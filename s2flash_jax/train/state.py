@@ -21,8 +21,8 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from s2flash_jax.config import ConfigError
-from s2flash_jax.model_checkpoint import CheckpointError, check_architecture, load_params
-from s2flash_jax.models.sana import SanaTransformer
+from s2flash_jax.model_checkpoint import CheckpointError, check_architecture, load_params, read_model_config
+from s2flash_jax.models.sana import SanaConfig, SanaTransformer
 from s2flash_jax.parallel.mesh import tree_shardings
 from s2flash_jax.recipes.base import DistillState, Recipe
 from s2flash_jax.recipes.flow_matching import flow_matching
@@ -62,9 +62,10 @@ class Initialiser:
         """Run the initialisation with every leaf created directly in its shard (checkpointed weights
         read straight into their shards)."""
         train = self.config.train
-        sources = {"teacher": (train.teacher_checkpoint, self.config.teacher),
-                   "initial": (train.init_checkpoint, self.config.model)}
-        loaded = {role: self._load(path, model, mesh) for role, (path, model) in sources.items() if path}
+        # The initial weights are read as stored: a checkpoint without LoRA adapters may start a model with them.
+        sources = {"teacher": (train.teacher_checkpoint, lambda: self.config.teacher),
+                   "initial": (train.init_checkpoint, lambda: read_model_config(train.init_checkpoint))}
+        loaded = {role: self._load(path, model(), mesh) for role, (path, model) in sources.items() if path}
         with jax.set_mesh(mesh):
             return jax.jit(self.init, out_shardings=shardings)(loaded)
 
@@ -165,15 +166,17 @@ def _build(config, loaded: dict[str, nnx.State]) -> tuple[Recipe, TrainState]:
 
 
 # A student started from its teacher gets these of its own parameters zeroed, so that at step 0 it
-# computes exactly the teacher's velocity, whatever its guidance input, and logvar 0. Of the guidance
-# embedder only the output layer: zeroing its input layer too (diffusers' training script zeroes
-# all four tensors) leaves silu(0) = 0 between the two, and neither would ever get a gradient.
-ZEROED_IN_A_NEW_STUDENT = ("time_embed/guidance_embedder/linear_2/", "logvar_linear/")
+# computes exactly the teacher's velocity, whatever its guidance input. Only the guidance embedder's
+# output layer: zeroing its input layer too (diffusers' training script zeroes all four tensors)
+# leaves silu(0) = 0 between the two, and neither would ever get a gradient. The logvar head, which
+# weights the sCM loss and does not enter the velocity, keeps its xavier initialisation: zeroed, it
+# made the shapes student's 1-step Fréchet distance 132 instead of 35 (docs/teacher.md).
+ZEROED_IN_A_NEW_STUDENT = ("time_embed/guidance_embedder/linear_2/",)
 
 
 def student_from_teacher(teacher: nnx.State, student: nnx.State) -> nnx.State:
     """The student with every parameter it shares with the teacher copied (copy_shared) and its
-    guidance embedder output and logvar head zero (ZEROED_IN_A_NEW_STUDENT)."""
+    guidance embedder's output layer zero (ZEROED_IN_A_NEW_STUDENT)."""
     flat = [(path, var.replace(jnp.zeros_like(var.get_value()))
              if "/".join(map(str, path)).startswith(ZEROED_IN_A_NEW_STUDENT) else var)
             for path, var in nnx.to_flat_state(copy_shared(teacher, student))]
@@ -188,7 +191,7 @@ def describe_initialisation(config) -> str:
     if config.recipe != "flow_matching" and train.init_student_from_teacher:
         teacher = train.teacher_checkpoint or "the randomly initialised teacher (no train.teacher_checkpoint)"
         return (f"{config.recipe}: the student starts as a copy of {teacher}"
-                + (", guidance embedder output and logvar head zero" if config.model.guidance_embeds else ""))
+                + (", its guidance embedder's output layer zero" if config.model.guidance_embeds else ""))
     return f"{config.recipe}: the trained network starts from random weights (seed {config.seed})"
 
 
@@ -225,7 +228,10 @@ def initialiser(config) -> Initialiser:
             raise CheckpointError(f"train.teacher_checkpoint is set but recipe {config.recipe!r} has no teacher")
         check_architecture(checkpoint, config.teacher)
     if config.train.init_checkpoint:
-        check_architecture(config.train.init_checkpoint, config.model)
+        # Adapters the checkpoint lacks start at their initialisation (B = 0: the same function).
+        check_architecture(config.train.init_checkpoint, config.model,
+                           ignoring=SanaConfig.LORA_KEYS if not read_model_config(config.train.init_checkpoint).lora_rank
+                           else ())
     return Initialiser(box["recipe"], init, abstract, config)
 
 
