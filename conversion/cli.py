@@ -1,4 +1,5 @@
-"""`s2flash convert {import,export,inspect}`: the handlers behind the subcommands s2flash_jax/cli.py defines.
+"""`s2flash convert {import,export,export-lora,inspect}`: the handlers behind the subcommands
+s2flash_jax/cli.py defines.
 
 Bad input raises ConversionError (a CheckpointError): the CLI prints it as one line, exit code 2.
 """
@@ -46,8 +47,21 @@ def _export(args: argparse.Namespace) -> None:
     shards = [f for f in result.files if f.suffix == ".safetensors"]
     print(f"exported {args.ckpt} as a diffusers {what} to {args.out}: {result.tensors} tensors in {len(shards)} "
           f"safetensors file{'s' if len(shards) > 1 else ''}" + (f", dtype {args.dtype}" if args.dtype else ""))
+    if result.config.lora is not None:
+        print(f"LoRA adapters (rank {result.config.lora_rank}) merged into {', '.join(result.config.lora_layers)} "
+              f"of every block; `s2flash convert export-lora` writes them alone")
     if result.dropped:
         print(f"not exported (diffusers has no place for them): {', '.join(result.dropped)}")
+
+
+def _export_lora(args: argparse.Namespace) -> None:
+    from conversion.lora import export_lora
+
+    result = export_lora(args.ckpt, args.out, dtype=args.dtype, force=args.force)
+    c = result.config
+    print(f"exported the LoRA adapters of {args.ckpt} (rank {c.lora_rank}, alpha {c.lora.alpha:g}, on "
+          f"{', '.join(c.lora_layers)} of {c.num_layers} blocks) to {result.file}: {result.tensors} tensors; load them "
+          f"onto the base model with pipeline.load_lora_weights({str(args.out)!r})")
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -57,5 +71,5 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    {"import": _import, "export": _export, "inspect": _inspect}[args.convert_command](args)
+    {"import": _import, "export": _export, "export-lora": _export_lora, "inspect": _inspect}[args.convert_command](args)
     return 0

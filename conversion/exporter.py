@@ -5,6 +5,8 @@ follows the checkpoint: a SANA-Sprint student (guidance_embeds=True) becomes a `
 timestep_scale=1.0) a `SanaPipeline` (`FlowMatchEulerDiscreteScheduler`, shift = the checkpoint's
 `sampling.flow_shift`, else 1.0). Both take the VAE, text encoder and tokenizer from the teacher
 pipeline; PIPELINE_KINDS holds what differs. A TwinFlow student has no diffusers form and is refused.
+A checkpoint with LoRA adapters is exported merged, each adapter folded into its base weight
+(`s2flash convert export-lora`, conversion/lora.py, writes the adapters alone).
 
 The weights stream out one JAX parameter at a time (read alone from the checkpoint, cut into its
 per-block diffusers tensors, written into safetensors shards), so an export holds about one
@@ -27,10 +29,12 @@ import numpy as np
 
 from conversion.errors import ConversionError
 from conversion.safetensors_io import TensorSpec, write_sharded
-from conversion.sana_diffusers import JAX_ONLY, key_table, param_shapes, tensor_keys
+from conversion.sana_diffusers import JAX_ONLY, Row, key_table, param_shapes, tensor_keys
 from conversion.sources import DIFFUSERS_CLASS
 from s2flash_jax.flows.trigflow import SIGMA_DATA
 from s2flash_jax.model_checkpoint import read_metadata, read_model_config, read_stored_params, stored_params
+from s2flash_jax.models.layers import LoRA
+from s2flash_jax.models.lora import ADAPTER_NAMES, folded_kernel
 from s2flash_jax.models.sana import SanaConfig
 from s2flash_jax.outputs import fresh_output_dir
 
@@ -97,14 +101,32 @@ def check_stored_params(ckpt: Path, config: SanaConfig) -> dict[str, Any]:
     return stored
 
 
+def export_dtype(dtype: str | None) -> np.dtype | None:
+    """--dtype's numpy dtype (None: keep the stored dtypes)."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES.get(dtype)
+
+
+def read_exportable_config(ckpt: Path) -> SanaConfig:
+    """The checkpoint's architecture, refused if diffusers has no form of it."""
+    config = read_model_config(ckpt)
+    if config.twinflow_embeds:
+        raise ConversionError(f"{ckpt} is a TwinFlow student (twinflow_embeds=True): its target-time and "
+                              "negative-time embeddings have no place in diffusers' SanaTransformer2DModel, which "
+                              "would sample it as a plain flow model; sample it with `s2flash sample` instead")
+    return config
+
+
 class _ParamStream:
     """Produces diffusers tensors by key, reading the checkpoint's parameters in the order they are
-    asked for, a group of up to GROUP_BYTES (or one larger parameter) at a time, each once."""
+    asked for, a group of up to GROUP_BYTES (or one larger parameter) at a time, each once. A kernel
+    with LoRA adapters comes with them folded in (`lora`: their rank and alpha)."""
 
     GROUP_BYTES = 256 * 2**20
 
-    def __init__(self, ckpt: Path, stored: dict[str, Any], dtype: np.dtype | None):
-        self.ckpt, self.stored, self.dtype = ckpt, stored, dtype
+    def __init__(self, ckpt: Path, stored: dict[str, Any], dtype: np.dtype | None, lora: LoRA | None = None):
+        self.ckpt, self.stored, self.dtype, self.lora = ckpt, stored, dtype, lora
         self.sources: dict[str, tuple[Any, int | None]] = {}  # torch key -> (row, block)
         self.order: list[str] = []  # JAX parameters in the order their tensors are written
         self._loaded: dict[str, np.ndarray] = {}
@@ -118,8 +140,7 @@ class _ParamStream:
         row, block = self.sources[key]
         if row.jax_path not in self._loaded:
             self._loaded = {}  # drop the previous group before reading the next
-            group = self._group_from(row.jax_path)
-            self._loaded = {p: self._cast(v, p) for p, v in read_stored_params(self.ckpt, group).items()}
+            self._loaded = self._read(self._group_from(row.jax_path))
         value = self._loaded[row.jax_path]
         return np.ascontiguousarray(row.layout.to_torch(value if block is None else value[block]))
 
@@ -133,6 +154,14 @@ class _ParamStream:
             size += nbytes
         return group
 
+    def _read(self, group: list[str]) -> dict[str, np.ndarray]:
+        adapters = {path: [path.removesuffix("kernel") + name for name in ADAPTER_NAMES] for path in group
+                    if path.endswith("/kernel") and path.removesuffix("kernel") + ADAPTER_NAMES[0] in self.stored}
+        values = read_stored_params(self.ckpt, group + [name for names in adapters.values() for name in names])
+        for path, (a, b) in adapters.items():
+            values[path] = np.asarray(folded_kernel(values[path], values[a], values[b], self.lora.scale))
+        return {path: self._cast(values[path], path) for path in group}
+
     def _cast(self, value: np.ndarray, path: str) -> np.ndarray:
         if self.dtype is None or value.dtype == self.dtype:
             return value
@@ -145,19 +174,27 @@ class _ParamStream:
         return cast
 
 
-def write_transformer(ckpt: Path, config: SanaConfig, folder: Path, *, dtype: np.dtype | None,
-                      max_shard_bytes: int) -> tuple[list[Path], int]:
-    """config.json and the safetensors shards of a diffusers transformer folder. Returns (files, tensors)."""
-    stored = check_stored_params(ckpt, config)
-    stream = _ParamStream(ckpt, stored, dtype)
+def stream_rows(ckpt: Path, config: SanaConfig, rows: list[Row], dtype: np.dtype | None
+                ) -> tuple[list[tuple[str, TensorSpec]], Callable[[str], np.ndarray]]:
+    """The torch tensors of `rows` read from the checkpoint: their specs (key, shape, dtype) and a
+    function producing each by key (a kernel with LoRA adapters comes with them folded in). Rows in
+    key_table order keep each parameter's tensors together, so each parameter is read once."""
+    stream = _ParamStream(ckpt, check_stored_params(ckpt, config), dtype, config.lora)
     specs = []
-    # key_table order keeps each parameter's tensors together, so each parameter is read once.
-    for row in key_table(config):
-        shape = tuple(stored[row.jax_path].shape)
+    for row in rows:
+        stored = stream.stored[row.jax_path]
         for key, block in tensor_keys(row, config.num_layers):
             stream.add(key, row, block)
-            torch_shape = row.layout.torch_shape(shape if block is None else shape[1:])
-            specs.append((key, TensorSpec(tuple(torch_shape), dtype or np.dtype(stored[row.jax_path].dtype))))
+            torch_shape = row.layout.torch_shape(tuple(stored.shape) if block is None else tuple(stored.shape[1:]))
+            specs.append((key, TensorSpec(tuple(torch_shape), dtype or np.dtype(stored.dtype))))
+    return specs, stream
+
+
+def write_transformer(ckpt: Path, config: SanaConfig, folder: Path, *, dtype: np.dtype | None,
+                      max_shard_bytes: int) -> tuple[list[Path], int]:
+    """config.json and the safetensors shards of a diffusers transformer folder (LoRA adapters folded
+    into their base weights). Returns (files, tensors)."""
+    specs, stream = stream_rows(ckpt, config, key_table(config), dtype)
     folder.mkdir(parents=True, exist_ok=True)
     files = write_sharded(folder, specs, stream, max_shard_bytes=max_shard_bytes)
     diffusers_config = {"_class_name": DIFFUSERS_CLASS, **_diffusers_version(), **config.to_diffusers()}
@@ -216,20 +253,15 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, dtype: str | None = 
     teacher) as a pipeline folder whose transformer/ is the checkpoint's: a SanaSprintPipeline for a
     student (guidance_embeds), a SanaPipeline for a flow model (see PIPELINE_KINDS)."""
     ckpt, out = Path(ckpt), Path(out)
-    if dtype is not None and dtype not in DTYPES:
-        raise ConversionError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    config = read_model_config(ckpt)
-    if config.twinflow_embeds:
-        raise ConversionError(f"{ckpt} is a TwinFlow student (twinflow_embeds=True): its target-time and "
-                              "negative-time embeddings have no place in diffusers' SanaTransformer2DModel, which "
-                              "would sample it as a plain flow model; sample it with `s2flash sample` instead")
+    numpy_dtype = export_dtype(dtype)
+    config = read_exportable_config(ckpt)
     kind = PIPELINE_KINDS[config.guidance_embeds]
     if pipeline is not None:  # every check before anything is written
         index = check_teacher_pipeline(Path(pipeline), config)
         scheduler_config = kind.scheduler_config(ckpt)
     with fresh_output_dir(out, force=force) as staging:
         transformer = staging if pipeline is None else staging / "transformer"
-        files, tensors = write_transformer(ckpt, config, transformer, dtype=DTYPES.get(dtype),
+        files, tensors = write_transformer(ckpt, config, transformer, dtype=numpy_dtype,
                                            max_shard_bytes=max_shard_bytes)
         if pipeline is not None:
             write_pipeline(staging, Path(pipeline), index, kind, scheduler_config)

@@ -3,7 +3,8 @@
 `key_table(config)` is the whole mapping: one row per diffusers tensor, naming the JAX parameter and
 the layout change. Per-block rows use `{i}` in the diffusers key and map onto the stacked `layers` axis.
 `jax_only_rows(config)` adds the parameters diffusers has no place for (SANA-Sprint's logvar head),
-under the torch names NVlabs SANA and diffusers' training port give them.
+under the torch names NVlabs SANA and diffusers' training port give them. LoRA adapters are no part
+of a diffusers model: conversion/lora.py writes them as diffusers' separate LoRA file.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from conversion.layouts import CONV1X1, COPY, DEPTHWISE, LINEAR, Layout, patch_conv
+from s2flash_jax.models.lora import ADAPTER_NAMES
 from s2flash_jax.models.params import flat_params, param_paths, set_flat_params
 from s2flash_jax.models.sana import SanaConfig, SanaTransformer
 from s2flash_jax.precision import Precision
@@ -174,7 +176,7 @@ def load_diffusers_state_dict(model: SanaTransformer, state_dict: Mapping[str, A
     """Write a diffusers state dict into `model` in place (cast to the model's parameter dtype).
 
     Raises StateDictMismatch naming every missing / unexpected / mis-shaped key before touching the model.
-    Returns the JAX-only parameters (e.g. the logvar head) that kept their initial values.
+    Returns the JAX-only parameters (e.g. the logvar head, LoRA adapters) that kept their initial values.
     """
     found = {k: tuple(v.shape) for k, v in state_dict.items()}
     _check_state_dict(expected_torch_shapes(model), found)
@@ -184,14 +186,18 @@ def load_diffusers_state_dict(model: SanaTransformer, state_dict: Mapping[str, A
         values[row.jax_path] = np.stack(tensors) if row.per_block else tensors[0]
     set_flat_params(model, values)
     untouched = sorted(p for p in param_paths(model) if p not in values)
-    unmapped = [p for p in untouched if not p.startswith(JAX_ONLY)]
+    unmapped = [p for p in untouched if not p.startswith(JAX_ONLY) and p.rpartition("/")[2] not in ADAPTER_NAMES]
     if unmapped:
         raise RuntimeError(f"key_table has no row for JAX parameters {unmapped}")
     return untouched
 
 
 def diffusers_state_dict(model: SanaTransformer) -> dict[str, np.ndarray]:
-    """The model's parameters as a diffusers state dict of float32 numpy arrays (JAX-only ones dropped)."""
+    """The model's parameters as a diffusers state dict of float32 numpy arrays (JAX-only ones dropped).
+    A model with LoRA adapters is refused: merge them first (s2flash_jax.models.lora.merge_lora)."""
+    if model.config.lora is not None:
+        raise ValueError(f"the model has LoRA adapters (lora_rank={model.config.lora_rank}), which a diffusers state "
+                         "dict has no place for; fold them in with s2flash_jax.models.lora.merge_lora first")
     params = {path: np.array(value, dtype=np.float32) for path, value in flat_params(model).items()}
     out = {}
     for row in key_table(model.config):

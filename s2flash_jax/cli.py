@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model checkpoint of the teacher to distil from (sets train.teacher_checkpoint)")
     train.add_argument("--student-init", default=None, metavar="CKPT",
                        help="model checkpoint the trained network starts from (sets train.init_checkpoint; default: "
-                            "a copy of the teacher with a zero guidance embedder output and logvar head, so the "
-                            "student equals the teacher at step 0)")
+                            "a copy of the teacher with a zero guidance embedder output layer, so the student "
+                            "equals the teacher at step 0)")
 
     prepare = commands.add_parser(
         "prepare-teacher", help="turn a SANA flow checkpoint into a SANA-Sprint teacher (QK-norm, dense time embedding)",
@@ -184,6 +184,18 @@ def _add_convert_parser(commands) -> None:
                           "Scheduler shifted by the checkpoint's sampling.flow_shift, else 1.0)")
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     exp.add_argument("--force", action="store_true", help="replace an existing output")
+
+    lora = actions.add_parser(
+        "export-lora", help="the LoRA adapters of an s2flash model checkpoint alone -> diffusers LoRA file",
+        description="Write a checkpoint's LoRA adapters (model.lora_rank > 0) as DIR/pytorch_lora_weights.safetensors, "
+                    "which a diffusers SanaPipeline's or SanaSprintPipeline's load_lora_weights(DIR) loads onto a "
+                    "transformer holding the base weights. `convert export` "
+                    "of the same checkpoint writes the whole model with the adapters merged.")
+    lora.add_argument("ckpt", help="model checkpoint directory with LoRA adapters")
+    lora.add_argument("--out", required=True, help="folder to write pytorch_lora_weights.safetensors into")
+    lora.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                      help="adapter dtype (default: as stored in the checkpoint)")
+    lora.add_argument("--force", action="store_true", help="replace an existing output")
 
     insp = actions.add_parser("inspect", help="print a checkpoint's format, config, parameter count, dtypes and "
                                               "the keys the converter would not understand")

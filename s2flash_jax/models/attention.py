@@ -5,12 +5,14 @@ Both are plain XLA einsums so that `jax.jvp` (the sCM tangent) goes through them
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from s2flash_jax.models.layers import RMSNorm, dense
+from s2flash_jax.models.layers import LoRA, RMSNorm, dense
 from s2flash_jax.precision import Precision
 
 # diffusers turns the 0/1 text mask into this additive bias (not -inf), so fully padded rows
@@ -20,7 +22,10 @@ QK_NORM_EPS = 1e-5
 
 
 class _Projections(nnx.Module):
-    """q from the queries' stream, k/v from the context stream, optional RMSNorm over all heads, output."""
+    """q from the queries' stream, k/v from the context stream, optional RMSNorm over all heads, output.
+
+    adapters: LoRA adapters by diffusers' module name ("to_q", "to_k", "to_v", "to_out.0").
+    """
 
     def __init__(
         self,
@@ -32,19 +37,22 @@ class _Projections(nnx.Module):
         qk_norm: bool,
         precision: Precision,
         rngs: nnx.Rngs,
+        adapters: Mapping[str, LoRA],
     ):
-        def proj(in_dim: int) -> nnx.Linear:
-            return dense(in_dim, inner_dim, ("embed", "heads"), use_bias=qkv_bias, precision=precision, rngs=rngs)
+        def proj(in_dim: int, name: str) -> nnx.Linear:
+            return dense(in_dim, inner_dim, ("embed", "heads"), use_bias=qkv_bias, precision=precision, rngs=rngs,
+                         lora=adapters.get(name))
 
-        self.to_q = proj(query_dim)
-        self.to_k = proj(context_dim)
-        self.to_v = proj(context_dim)
+        self.to_q = proj(query_dim, "to_q")
+        self.to_k = proj(context_dim, "to_k")
+        self.to_v = proj(context_dim, "to_v")
         if qk_norm:
             self.norm_q = RMSNorm(inner_dim, "heads", eps=QK_NORM_EPS, precision=precision)
             self.norm_k = RMSNorm(inner_dim, "heads", eps=QK_NORM_EPS, precision=precision)
         else:
             self.norm_q = self.norm_k = None
-        self.to_out = dense(inner_dim, query_dim, ("heads", "embed"), precision=precision, rngs=rngs)
+        self.to_out = dense(inner_dim, query_dim, ("heads", "embed"), precision=precision, rngs=rngs,
+                            lora=adapters.get("to_out.0"))
 
     def qkv(self, x: jax.Array, context: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
@@ -62,8 +70,9 @@ class LinearSelfAttention(_Projections):
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int, *, bias: bool, qk_norm: bool, eps: float,
-                 precision: Precision, rngs: nnx.Rngs):
-        super().__init__(dim, dim, heads * head_dim, qkv_bias=bias, qk_norm=qk_norm, precision=precision, rngs=rngs)
+                 precision: Precision, rngs: nnx.Rngs, adapters: Mapping[str, LoRA]):
+        super().__init__(dim, dim, heads * head_dim, qkv_bias=bias, qk_norm=qk_norm, precision=precision, rngs=rngs,
+                         adapters=adapters)
         self.heads = heads
         self.eps = eps
 
@@ -86,9 +95,9 @@ class CrossAttention(_Projections):
     """
 
     def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int, *, qk_norm: bool,
-                 precision: Precision, rngs: nnx.Rngs):
+                 precision: Precision, rngs: nnx.Rngs, adapters: Mapping[str, LoRA]):
         super().__init__(dim, context_dim, heads * head_dim, qkv_bias=True, qk_norm=qk_norm, precision=precision,
-                         rngs=rngs)
+                         rngs=rngs, adapters=adapters)
         self.heads = heads
         self.head_dim = head_dim
 

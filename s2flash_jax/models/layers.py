@@ -13,11 +13,13 @@ Logical axis names (mapped to mesh axes by `s2flash_jax.parallel.axes`):
   table      the rows of a modulation table (6 or 2)
   conv_window            spatial and per-group input axes of a depthwise kernel
   scalar     a width-1 output (the logvar head)
+  lora       the rank of a LoRA adapter (A [in, r], B [r, out]); small, never sharded
   layers     the stacked-layer axis added by the layer scan (`stacked`)
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -30,6 +32,46 @@ from s2flash_jax.precision import Precision
 M = TypeVar("M", bound=nnx.Module)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+    """A low-rank adapter: rank r, and the update's scale alpha / r (PEFT's `lora_alpha`)."""
+
+    rank: int
+    alpha: float
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+# PEFT's init of lora_A: torch nn.Linear's kaiming_uniform_(a=√5), i.e. U(±1/√fan_in), fan_in = the input width.
+LORA_A_INIT = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+class LoRALinear(nnx.Linear):
+    """A Linear plus a low-rank update: y = x·W + b + (alpha/r)·(x·A)·B.
+
+    A [in, r] starts as PEFT's lora_A, B [r, out] at zero, so the layer computes exactly the Linear
+    until B trains. The update is two plain matmuls in the compute dtype (jax.jvp goes through).
+    models/lora.py folds it into `kernel`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, axes: tuple[str, str], lora: LoRA, *,
+                 rngs: nnx.Rngs, **linear_kwargs):
+        super().__init__(in_features, out_features, rngs=rngs, **linear_kwargs)
+        self.lora_scale = lora.scale
+        param_dtype = linear_kwargs["param_dtype"]
+        self.lora_a = nnx.Param(LORA_A_INIT(rngs.params(), (in_features, lora.rank), param_dtype),
+                                out_sharding=(axes[0], "lora"))
+        self.lora_b = nnx.Param(jnp.zeros((lora.rank, out_features), param_dtype), out_sharding=("lora", axes[1]))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = super().__call__(x)
+        a, b = self.lora_a[...].astype(y.dtype), self.lora_b[...].astype(y.dtype)
+        down = jnp.einsum("...i,ir->...r", x.astype(y.dtype), a)
+        return y + self.lora_scale * jnp.einsum("...r,ro->...o", down, b)
+
+
 def dense(
     in_features: int,
     out_features: int,
@@ -39,18 +81,21 @@ def dense(
     rngs: nnx.Rngs,
     use_bias: bool = True,
     kernel_init=nnx.initializers.lecun_normal(),
+    lora: LoRA | None = None,
 ) -> nnx.Linear:
-    """A Linear whose kernel [in, out] carries `axes` and whose bias [out] carries `axes[1]`."""
-    return nnx.Linear(
-        in_features,
-        out_features,
-        use_bias=use_bias,
-        dtype=precision.compute,
-        param_dtype=precision.param,
-        kernel_init=nnx.with_partitioning(kernel_init, axes),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
-        rngs=rngs,
-    )
+    """A Linear whose kernel [in, out] carries `axes` and whose bias [out] carries `axes[1]`; with
+    `lora`, a LoRALinear whose adapters carry (axes[0], "lora") and ("lora", axes[1])."""
+    linear_kwargs = {
+        "use_bias": use_bias,
+        "dtype": precision.compute,
+        "param_dtype": precision.param,
+        "kernel_init": nnx.with_partitioning(kernel_init, axes),
+        "bias_init": nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
+        "rngs": rngs,
+    }
+    if lora is None:
+        return nnx.Linear(in_features, out_features, **linear_kwargs)
+    return LoRALinear(in_features, out_features, axes, lora, **linear_kwargs)
 
 
 def layer_norm(x: jax.Array, eps: float) -> jax.Array:

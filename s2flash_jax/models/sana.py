@@ -2,14 +2,14 @@
 
 Numerically the architecture of diffusers' `SanaTransformer2DModel`; images are NHWC and the
 model returns the flow-matching velocity in float32. `SanaConfig` carries diffusers'
-`config.json` keys one to one (plus two keys of our own, see the dataclass).
+`config.json` keys one to one (plus keys of our own, see the dataclass).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import einops
@@ -19,10 +19,17 @@ from flax import nnx
 
 from s2flash_jax.models.attention import CrossAttention, LinearSelfAttention
 from s2flash_jax.models.embeddings import CaptionProjection, TimestepMLP, sincos_pos_embed_2d, timestep_sinusoid
-from s2flash_jax.models.layers import DepthwiseConv, LayerNorm, RMSNorm, dense, layer_norm, modulate, stacked
+from s2flash_jax.models.layers import DepthwiseConv, LayerNorm, LoRA, RMSNorm, dense, layer_norm, modulate, stacked
 from s2flash_jax.precision import Precision
 
 QK_NORM_KINDS = (None, "rms_norm_across_heads")
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+# The linear layers of a block that can carry LoRA adapters, by diffusers' module names within a block.
+LORA_LAYERS = (*(f"{attn}.{proj}" for attn in ("attn1", "attn2") for proj in ATTENTION_PROJECTIONS),
+               "ff.conv_inverted", "ff.conv_point")
+# What lora_targets may name: a layer, or a projection of both attentions (PEFT's target_modules
+# rule: a target selects every layer whose name is it or ends in "." + it).
+LORA_TARGETS = ATTENTION_PROJECTIONS + LORA_LAYERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +50,15 @@ class SanaConfig:
         time, gated by (|s| − |s_target|) in flow time so it vanishes at s_target = s, and a learned
         (zero-initialised) embedding of negative time, the twin branch's sign. A flow model with it
         equals the same model without it until those parameters train.
+      lora_rank: the rank r of LoRA adapters on the block layers `lora_targets` selects (0: none). An
+        adapted layer computes x·W + b + (alpha/r)·(x·A)·B with B zero-initialised, so a model with
+        adapters equals the same model without them until they train (train only them with
+        train.trainable=*/lora_[ab]; models/lora.py merges them into the base weights).
+      lora_alpha: PEFT's lora_alpha; the update's scale is alpha / r. None: alpha = r (scale 1, as
+        diffusers' LoRA training scripts set it).
+      lora_targets: the adapted layers, by diffusers' module names (see LORA_TARGETS): "to_q" etc. name
+        the projection in both attentions, "attn1.to_q" in one, "ff.conv_inverted" / "ff.conv_point"
+        the Mix-FFN's 1x1 convolutions. Default: every attention projection.
     """
 
     in_channels: int = 32
@@ -72,12 +88,21 @@ class SanaConfig:
     gradient_checkpointing: bool = False
     scan_unroll: int = 1
     twinflow_embeds: bool = False
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = ATTENTION_PROJECTIONS
 
-    OWN_KEYS = ("logvar_head", "linear_attention_eps", "gradient_checkpointing", "scan_unroll", "twinflow_embeds")
+    OWN_KEYS = ("logvar_head", "linear_attention_eps", "gradient_checkpointing", "scan_unroll", "twinflow_embeds",
+                "lora_rank", "lora_alpha", "lora_targets")
     # Own keys that say how the model runs, not what it computes: checkpoints need not agree on them.
     EXECUTION_KEYS = ("gradient_checkpointing", "scan_unroll")
+    # A model with adapters starts from a checkpoint without them (train.init_checkpoint).
+    LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets")
 
     def __post_init__(self):
+        # model.json stores lists; a tuple keeps the config hashable and equal to the one it was saved from.
+        targets = self.lora_targets
+        object.__setattr__(self, "lora_targets", (targets,) if isinstance(targets, str) else tuple(targets))
         problems = []
         if self.qk_norm not in QK_NORM_KINDS:
             problems.append(f"qk_norm={self.qk_norm!r} is not supported; expected one of {QK_NORM_KINDS}")
@@ -92,11 +117,44 @@ class SanaConfig:
                 problems.append(f"{key}={getattr(self, key)} must be >= 1")
         if self.twinflow_embeds and self.guidance_embeds:
             problems.append("twinflow_embeds=True needs guidance_embeds=False (TwinFlow bakes guidance into the model)")
+        problems += self._lora_problems()
         if self.interpolation_scale is not None and self.inner_dim % 4:
             problems.append(f"a positional embedding needs the width (heads x head_dim = {self.inner_dim}) "
                             "divisible by 4")
         if problems:
             raise ValueError("invalid SanaConfig: " + "; ".join(problems))
+
+    def _lora_problems(self) -> list[str]:
+        problems = []
+        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if unknown:
+            problems.append(f"lora_targets {unknown} name no adaptable layer; expected some of {LORA_TARGETS}")
+        if self.lora_rank < 0:
+            problems.append(f"lora_rank={self.lora_rank} must be >= 0 (0: no adapters)")
+        if self.lora_rank and not self.lora_targets:
+            problems.append(f"lora_rank={self.lora_rank} needs at least one of lora_targets {LORA_TARGETS}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            problems.append(f"lora_alpha={self.lora_alpha} must be > 0 (or None: alpha = lora_rank)")
+        return problems
+
+    @property
+    def lora_layers(self) -> tuple[str, ...]:
+        """The block layers (names of LORA_LAYERS) that carry adapters; () without adapters."""
+        if not self.lora_rank:
+            return ()
+        return tuple(layer for layer in LORA_LAYERS
+                     if any(layer == t or layer.endswith("." + t) for t in self.lora_targets))
+
+    @property
+    def lora(self) -> LoRA | None:
+        """Every adapter's rank and alpha; None without adapters."""
+        if not self.lora_rank:
+            return None
+        return LoRA(self.lora_rank, self.lora_rank if self.lora_alpha is None else self.lora_alpha)
+
+    def adapters(self, prefix: str) -> dict[str, LoRA]:
+        """The adapters of the block layers under `prefix` (e.g. "attn1."), keyed by the rest of their name."""
+        return {layer.removeprefix(prefix): self.lora for layer in self.lora_layers if layer.startswith(prefix)}
 
     @property
     def inner_dim(self) -> int:
@@ -214,13 +272,16 @@ class PatchEmbed(nnx.Module):
 class GLUMBConv(nnx.Module):
     """SANA's Mix-FFN: 1x1 expand -> SiLU -> depthwise 3x3 -> gated (value·SiLU(gate)) -> 1x1 project.
 
+    adapters: LoRA adapters by diffusers' module name ("conv_inverted", "conv_point").
     x: [B, H, W, D] -> [B, H, W, D]
     """
 
-    def __init__(self, dim: int, hidden: int, *, precision: Precision, rngs: nnx.Rngs):
-        self.conv_inverted = dense(dim, 2 * hidden, ("embed", "mlp"), precision=precision, rngs=rngs)
+    def __init__(self, dim: int, hidden: int, *, precision: Precision, rngs: nnx.Rngs, adapters: Mapping[str, LoRA]):
+        self.conv_inverted = dense(dim, 2 * hidden, ("embed", "mlp"), precision=precision, rngs=rngs,
+                                   lora=adapters.get("conv_inverted"))
         self.conv_depth = DepthwiseConv(2 * hidden, 3, precision=precision, rngs=rngs)
-        self.conv_point = dense(hidden, dim, ("mlp", "embed"), use_bias=False, precision=precision, rngs=rngs)
+        self.conv_point = dense(hidden, dim, ("mlp", "embed"), use_bias=False, precision=precision, rngs=rngs,
+                                lora=adapters.get("conv_point"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = self.conv_depth(jax.nn.silu(self.conv_inverted(x)))
@@ -242,14 +303,14 @@ class SanaBlock(nnx.Module):
             jax.random.normal(rngs.params(), (6, dim), precision.param) / dim**0.5, out_sharding=("table", "embed"))
         self.attn1 = LinearSelfAttention(
             dim, config.num_attention_heads, config.attention_head_dim, bias=config.attention_bias, qk_norm=qk_norm,
-            eps=config.linear_attention_eps, precision=precision, rngs=rngs)
+            eps=config.linear_attention_eps, precision=precision, rngs=rngs, adapters=config.adapters("attn1."))
         self.attn2 = CrossAttention(
             dim, config.cross_attention_dim, config.num_cross_attention_heads, config.cross_attention_head_dim,
-            qk_norm=qk_norm, precision=precision, rngs=rngs)
+            qk_norm=qk_norm, precision=precision, rngs=rngs, adapters=config.adapters("attn2."))
         # PixArt/SANA start every block as the identity on the text path.
         self.attn2.to_out.kernel[...] = jnp.zeros_like(self.attn2.to_out.kernel[...])
         self.norm2 = LayerNorm(dim, eps=config.norm_eps, affine=config.norm_elementwise_affine, precision=precision)
-        self.ff = GLUMBConv(dim, config.ffn_hidden_dim, precision=precision, rngs=rngs)
+        self.ff = GLUMBConv(dim, config.ffn_hidden_dim, precision=precision, rngs=rngs, adapters=config.adapters("ff."))
 
     def __call__(self, h: jax.Array, modulation: jax.Array, caption: jax.Array, caption_mask: jax.Array | None,
                  grid: tuple[int, int]) -> jax.Array:

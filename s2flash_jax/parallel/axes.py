@@ -29,6 +29,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("table", None),
     ("conv_window", None),
     ("scalar", None),
+    ("lora", None),  # a LoRA adapter's rank
 )
 
 
