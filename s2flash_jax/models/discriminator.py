@@ -1,6 +1,8 @@
-"""SANA-Sprint's LADD discriminator heads (StyleGAN-T's projected-discriminator head).
+"""Discriminator heads on backbone token features: SANA-Sprint's LADD heads (StyleGAN-T's
+projected-discriminator head, `DiscriminatorHeads`) and the S2-Flash / DMD2 conv heads
+(`ConvDiscriminatorHeads`, described where they are defined, below the LADD heads).
 
-Each head reads the tokens of one hooked teacher block, [B, N, D], as a 1-D sequence of N
+Each LADD head reads the tokens of one hooked teacher block, [B, N, D], as a 1-D sequence of N
 positions with D channels (the torch code's [B, D, N] Conv1d input, transposed):
 
   entry    = SpectralConv1d(D→D, k=1) → BatchNormLocal(D) → LeakyReLU(0.2)
@@ -24,6 +26,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from s2flash_jax.precision import FP32, Precision
 
 LEAKY_SLOPE = 0.2
 
@@ -186,3 +190,181 @@ class DiscriminatorHeads(nnx.Module):
             raise ValueError(f"got {len(features)} feature maps for {len(self.heads)} heads")
         return jnp.concatenate(
             [head(f, update_stats=update_stats) for head, f in zip(self.heads, features)], axis=1)
+
+
+# ---- S2-Flash / DMD2 conv heads -------------------------------------------------------------
+#
+# DMD2's GAN head (tianweiy/DMD2 main/sd_guidance.py, `cls_pred_branch`), which the S2-Flash
+# recipe puts on each tapped backbone block (shared/reference/recipes.md §4.2): the tokens
+# [B, N, D] of one block go back onto their (H, W) grid, NHWC, and
+#
+#   [Conv 4x4 stride 2 pad 1 → GroupNorm → SiLU] × n   (D → D; halves the grid until a side ≤ 4)
+#   Conv 4x4 stride 4 → GroupNorm → SiLU                 (4x4 -> 1x1)
+#   Conv 1x1 (D → 1)                                     -> one logit per example
+#
+# A 32x32 grid (SANA at 1024 px, SDXL's 128² latents at the UNet bottleneck) takes n = 3, DMD2's
+# SDXL head; 8x8 takes n = 1, its SD1.5 head. Every conv is D → D wide as in DMD2, so a head holds
+# ≈ (n + 1)·16·D² parameters (≈ 85M at SANA-600M's D = 1152). Parameters and init are torch's
+# (Conv2d: U(±1/√fan_in) weight and bias; GroupNorm: weight 1, bias 0, eps 1e-5).
+
+HEAD_GRID = 4  # the spatial size the stride-2 blocks reduce to, which the 4x4 stride-4 conv consumes
+MAX_GROUPS = 32  # DMD2's GroupNorm(32)
+# After the 4x4 stride-4 conv the grid is 1x1, so GroupNorm's statistics there come from a group's
+# channels alone: one channel per group normalises to a constant 0 (the head ignores its input),
+# two to about ±1. DMD2's 1280 channels have 40 per group; narrow heads keep at least 8.
+MIN_GROUP_CHANNELS = 8
+
+
+def group_count(channels: int, max_groups: int = MAX_GROUPS) -> int:
+    """GroupNorm groups for `channels`: the most groups, at most `max_groups` and with at least
+    MIN_GROUP_CHANNELS channels each, that split the channels equally (torch's GroupNorm requires
+    that); one group if no split has groups that wide. 32 from 256 channels up when 32 divides
+    them (SANA's 1152 and 2240), 16 for 128, 8 for 64, 6 for 48, 1 below 16."""
+    if channels < 1 or max_groups < 1:
+        raise ValueError(f"channels={channels} and max_groups={max_groups} must be >= 1")
+    most = max(1, min(max_groups, channels // MIN_GROUP_CHANNELS))
+    return max(g for g in range(1, most + 1) if channels % g == 0)
+
+
+def downsample_count(height: int, width: int) -> int:
+    """Stride-2 blocks a head of an (height, width) token grid runs: each halves both sides (floor,
+    as a 4x4 stride-2 pad-1 conv does) until a side is ≤ 4. 32x32 -> 3, 16x16 -> 2, 8x8 -> 1, 4x4
+    and smaller -> 0. A non-square grid stops when its short side is ≤ 4 (64x32 -> 3, at 8x4)."""
+    if height < 1 or width < 1:
+        raise ValueError(f"token grid {height}x{width} must have positive sides")
+    count = 0
+    while min(height, width) > HEAD_GRID:
+        height, width, count = height // 2, width // 2, count + 1
+    return count
+
+
+def _conv(in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int, *,
+          axes: tuple[str, str], precision: Precision, rngs: nnx.Rngs) -> nnx.Conv:
+    """torch.nn.Conv2d(in, out, k, stride, padding) in NHWC with an HWIO kernel [k, k, in, out].
+
+    axes: logical names of the kernel's input and output channel axes (the bias has the latter).
+    x: [B, H, W, in] -> [B, H', W', out] in the compute dtype
+    """
+    init = _torch_conv_init(in_channels * kernel_size**2)
+    return nnx.Conv(in_channels, out_channels, (kernel_size, kernel_size), strides=stride,
+                    padding=((padding, padding), (padding, padding)), dtype=precision.compute,
+                    param_dtype=precision.param,
+                    kernel_init=nnx.with_partitioning(init, ("conv_window", "conv_window", *axes)),
+                    bias_init=nnx.with_partitioning(init, (axes[1],)), rngs=rngs)
+
+
+class GroupNorm(nnx.Module):
+    """torch.nn.GroupNorm(groups, C, eps) over NHWC, statistics in float32.
+
+    Per example and group of C/groups consecutive channels: mean and biased variance over
+    (H, W, the group's channels), normalise, then a per-channel weight and bias.
+    x: [B, H, W, C] -> [B, H, W, C] float32
+    """
+
+    def __init__(self, channels: int, groups: int, *, eps: float = 1e-5, precision: Precision):
+        if channels % groups:
+            raise ValueError(f"GroupNorm: {channels} channels do not split into {groups} equal groups")
+        self.groups = groups
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((channels,), precision.param), out_sharding=("mlp",))
+        self.bias = nnx.Param(jnp.zeros((channels,), precision.param), out_sharding=("mlp",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], self.groups, x.shape[-1] // self.groups)
+        mean = jnp.mean(grouped, axis=(1, 2, 4), keepdims=True)
+        var = jnp.mean(jnp.square(grouped - mean), axis=(1, 2, 4), keepdims=True)
+        y = ((grouped - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+        return y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+
+
+class ConvNormAct(nnx.Module):
+    """Conv2d(D → D, k, stride, padding) → GroupNorm → SiLU, one stage of the conv head.
+
+    x: [B, H, W, D] -> [B, H', W', D] float32
+    """
+
+    def __init__(self, channels: int, kernel_size: int, stride: int, padding: int, *, groups: int,
+                 precision: Precision, rngs: nnx.Rngs):
+        self.conv = _conv(channels, channels, kernel_size, stride, padding, axes=("embed", "mlp"),
+                          precision=precision, rngs=rngs)
+        self.norm = GroupNorm(channels, groups, precision=precision)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.silu(self.norm(self.conv(x)))
+
+
+class ConvHead(nnx.Module):
+    """DMD2's GAN head on the tokens of one backbone block laid out on their (H, W) grid.
+
+    The stride-2 blocks (`downsample_count`) leave h x w with a side ≤ 4. If both sides are 4 (any
+    square grid of a power-of-two side ≥ 4), the 4x4 stride-4 conv makes it 1x1, DMD2 exactly.
+    Otherwise:
+    - a side of 4 or more (a non-square grid, e.g. 8x4): the 4x4 stride-4 conv runs on every whole
+      4x4 window, dropping rows/columns past the last one as torch's conv does, and the logits of
+      the windows are averaged;
+    - a side under 4 (grids smaller than 4x4; 5 to 7 halved to 2 or 3): a global mean over the grid
+      replaces the 4x4 stride-4 conv, followed by a 1x1 conv → GroupNorm → SiLU in its place.
+
+    channels: the backbone width D. grid: the token grid (H, W); a head is built for one grid, as
+    the number of stride-2 blocks depends on it. max_groups: GroupNorm's most groups (`group_count`).
+    Convs compute in precision.compute (float32 by default, as DMD2 runs its head), GroupNorm
+    statistics and the returned logits in float32.
+    tokens: [B, N, D] with N = H·W in row-major (h, w) order, SANA's token order -> logits [B] float32
+    """
+
+    def __init__(self, channels: int, grid: tuple[int, int], *, max_groups: int = MAX_GROUPS,
+                 precision: Precision = FP32, rngs: nnx.Rngs):
+        height, width = grid
+        count = downsample_count(height, width)
+        self.grid = (height, width)
+        self.channels = channels
+        groups = group_count(channels, max_groups)
+        side = min(height, width) // 2**count
+        self.global_pool = side < HEAD_GRID
+        # Parameters carry logical axis names only; parallel/ maps them to a mesh when it shards.
+        with nnx.use_eager_sharding(False):
+            self.downsample = nnx.List([
+                ConvNormAct(channels, 4, 2, 1, groups=groups, precision=precision, rngs=rngs) for _ in range(count)])
+            reduce_kernel = 1 if self.global_pool else HEAD_GRID
+            self.reduce = ConvNormAct(channels, reduce_kernel, reduce_kernel, 0, groups=groups,
+                                      precision=precision, rngs=rngs)
+            self.cls = _conv(channels, 1, 1, 1, 0, axes=("embed", "scalar"), precision=precision, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        batch, count, channels = tokens.shape
+        height, width = self.grid
+        if count != height * width or channels != self.channels:
+            raise ValueError(f"tokens {tokens.shape} do not fit this head: expected [B, {height * width}, "
+                             f"{self.channels}] for a {height}x{width} grid of width {self.channels}")
+        h = tokens.reshape(batch, height, width, channels)
+        for block in self.downsample:
+            h = block(h)
+        if self.global_pool:
+            h = jnp.mean(h.astype(jnp.float32), axis=(1, 2), keepdims=True)
+        logits = self.cls(self.reduce(h)).astype(jnp.float32)  # [B, h', w', 1]
+        return jnp.mean(logits, axis=(1, 2, 3))
+
+
+class ConvDiscriminatorHeads(nnx.Module):
+    """One ConvHead per tapped backbone block; their logits averaged (recipes.md §4.2: "sum or
+    average"; the average keeps the logit scale, and so the loss weights, independent of how many
+    blocks are tapped).
+
+    features: num_heads arrays [B, N, width] (features[i] goes to head i), all on one token grid
+    update_stats: accepted so a recipe can call these heads as it calls `DiscriminatorHeads`;
+      nothing here has statistics to update.
+    returns [B] float32
+    """
+
+    def __init__(self, width: int, num_heads: int, grid: tuple[int, int], *, max_groups: int = MAX_GROUPS,
+                 precision: Precision = FP32, rngs: nnx.Rngs):
+        if num_heads < 1:
+            raise ValueError(f"num_heads={num_heads} must be >= 1")
+        self.heads = nnx.List([ConvHead(width, grid, max_groups=max_groups, precision=precision, rngs=rngs)
+                               for _ in range(num_heads)])
+
+    def __call__(self, features: Sequence[jax.Array], *, update_stats: bool = False) -> jax.Array:
+        del update_stats
+        if len(features) != len(self.heads):
+            raise ValueError(f"got {len(features)} feature maps for {len(self.heads)} heads")
+        return jnp.mean(jnp.stack([head(f) for head, f in zip(self.heads, features)]), axis=0)
