@@ -166,7 +166,7 @@ def run_prepare_teacher(config: Config, source: str | Path, out: str | Path, *, 
     if force and work.exists():
         shutil.rmtree(work)
     _claim(work, {"source": str(source.absolute()), "prepared": dataclasses.asdict(prepared),
-                  "prepare_teacher": json.loads(json.dumps(dataclasses.asdict(config.prepare_teacher)))})
+                  "prepare_teacher": dataclasses.asdict(config.prepare_teacher)})
     print(f"prepare-teacher: {source} -> {out}: qk_norm {source_config.qk_norm!r} -> {prepared.qk_norm!r}, time "
           f"embedder fed {source_config.flow_time_scale:g}·s -> {prepared.flow_time_scale:g}·s; working in {work}",
           flush=True)
@@ -197,6 +197,7 @@ def run_prepare_teacher(config: Config, source: str | Path, out: str | Path, *, 
 
 def _claim(work: Path, inputs: dict[str, Any]) -> None:
     """Mark `work` as this preparation's, or refuse one that holds another."""
+    inputs = json.loads(json.dumps(inputs))  # tuples as the lists the marker holds
     marker = work / "prepare.json"
     if marker.is_file():
         if json.loads(marker.read_text()) != inputs:

@@ -276,7 +276,9 @@ class GLUMBConv(nnx.Module):
     x: [B, H, W, D] -> [B, H, W, D]
     """
 
-    def __init__(self, dim: int, hidden: int, *, precision: Precision, rngs: nnx.Rngs, adapters: Mapping[str, LoRA]):
+    def __init__(self, dim: int, hidden: int, *, precision: Precision, rngs: nnx.Rngs,
+                 adapters: Mapping[str, LoRA] | None = None):
+        adapters = adapters or {}  # DC-AE's blocks reuse this layer without adapters
         self.conv_inverted = dense(dim, 2 * hidden, ("embed", "mlp"), precision=precision, rngs=rngs,
                                    lora=adapters.get("conv_inverted"))
         self.conv_depth = DepthwiseConv(2 * hidden, 3, precision=precision, rngs=rngs)
