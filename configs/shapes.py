@@ -4,6 +4,8 @@ on 32x32 procedural shape images, sized to run end to end on a laptop CPU.
 Variants: `configs/shapes.py` distils the student (sCM + LADD) from `train.teacher_checkpoint`;
 `configs/shapes.py:tbcm` distils it image-free on the teacher's trajectories (TBCM, prompts only);
 `configs/shapes.py:twinflow` turns a copy of the teacher into a few-step model (TwinFlow, no teacher);
+`configs/shapes.py:s2flash` distils an 8-step student adversarially (S2-Flash: conv heads on the teacher's
+blocks, R1, sCM on the step set);
 `configs/shapes.py:teacher` trains the teacher with flow matching (`:teacher,legacy`: in base
 SANA's conventions, no QK-norm and the time embedder fed 1000·s); `configs/shapes.py:prepare`
 turns such a teacher into a Sprint teacher (`s2flash prepare-teacher`); add `,quick` to any for the
@@ -37,6 +39,7 @@ from s2flash_jax.losses.twinflow import TwinFlowConfig
 from s2flash_jax.models.sana import SanaConfig
 from s2flash_jax.precision import Precision
 from s2flash_jax.recipes.flow_matching import FlowMatchingConfig
+from s2flash_jax.recipes.s2flash import S2FlashConfig
 from s2flash_jax.recipes.sana_sprint import SanaSprintConfig
 from s2flash_jax.recipes.tbcm import TBCMConfig
 from s2flash_jax.train.health import HealthConfig
@@ -80,11 +83,11 @@ STEPS = {"full": (1200, 160), "quick": (100, 20)}
 
 def get_config(arg=None):
     tokens = [t for t in (arg or "").split(",") if t]
-    recipes = {"teacher", "tbcm", "twinflow", "prepare"}
+    recipes = {"teacher", "tbcm", "twinflow", "s2flash", "prepare"}
     if set(tokens) - recipes - {"quick", "legacy"} or len(set(tokens) & recipes) > 1 or (
             "legacy" in tokens and "teacher" not in tokens):
         raise ValueError(f"variant {arg!r}: expected at most one of 'teacher' (optionally with 'legacy') / 'tbcm' / "
-                         "'twinflow' / 'prepare', and/or 'quick'")
+                         "'twinflow' / 's2flash' / 'prepare', and/or 'quick'")
     teacher_steps, student_steps = STEPS["quick" if "quick" in tokens else "full"]
     batch_size = 8 if "quick" in tokens else 32  # --quick only checks that every stage runs
     train = dict(batch_size=batch_size, optimizer="adamw", clip_norm=1.0, ema_decay=0.99, log_every=50,
@@ -137,6 +140,19 @@ def get_config(arg=None):
             train=TrainConfig(steps=student_steps, learning_rate=2e-4, warmup_steps=min(50, student_steps // 10),
                               **{**train, "batch_size": batch_size // 4}),
             tbcm=TBCMConfig(scm=scm, route_points=8, route_strategy="sorted_lognormal", points_per_trajectory=4),
+            **common)
+    if "s2flash" in tokens:
+        # 8 steps, sampled at 1, 5 and 8 by the demo: the 8-step set holds the pure-noise time (the 1-step
+        # path), its 7 other times bracket the 5-step sampler's 4, and the discriminator gets 8 noise levels.
+        # The set is placed by the sampler's flow_shift 6, so it spans t = 0.87–1.54, where the teacher was
+        # trained (log tan t ~ N(2.0, 1.6)), as the sCM times at p_mean 1.3 are; the sCM term (weight 1)
+        # takes its times from it. No unconditional stage: the demo scores prompt alignment, which a
+        # caption-blind discriminator stops rewarding.
+        return Config(
+            model=STUDENT, teacher=TEACHER, recipe="s2flash",
+            train=TrainConfig(steps=student_steps, learning_rate=2e-4, warmup_steps=min(50, student_steps // 10),
+                              **train),
+            s2flash=S2FlashConfig(steps=8, block_ids=(0, 1), scm=scm),
             **common)
     return Config(
         model=STUDENT, teacher=TEACHER,

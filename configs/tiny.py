@@ -2,7 +2,8 @@
 
 Variants: `configs/tiny.py` (student: guidance embedding, QK-norm, logvar head; its teacher is the
 `:teacher` model), `configs/tiny.py:teacher` (flow teacher: no guidance embedding, no logvar head),
-`configs/tiny.py:twinflow` (a TwinFlow student of that teacher: target- and negative-time embeddings).
+`configs/tiny.py:twinflow` (a TwinFlow student of that teacher: target- and negative-time embeddings),
+`configs/tiny.py:s2flash` (the default student distilled by the S2-Flash recipe: 4 steps, conv heads).
 Training reads precomputed records with 8x8x4 latents and 8-token, 32-wide captions from
 `data.path` (set it on the command line).
 """
@@ -15,6 +16,7 @@ from s2flash_jax.losses.ladd import LADDConfig
 from s2flash_jax.losses.scm import SCMConfig
 from s2flash_jax.models.sana import SanaConfig
 from s2flash_jax.precision import Precision
+from s2flash_jax.recipes.s2flash import S2FlashConfig
 from s2flash_jax.recipes.sana_sprint import SanaSprintConfig
 
 STUDENT = SanaConfig(
@@ -39,12 +41,12 @@ STUDENT = SanaConfig(
 TEACHER = dataclasses.replace(STUDENT, guidance_embeds=False, timestep_scale=0.001, logvar_head=False)
 TWINFLOW = dataclasses.replace(TEACHER, twinflow_embeds=True)
 MODELS = {None: (STUDENT, TEACHER, "sana_sprint"), "teacher": (TEACHER, None, "flow_matching"),
-          "twinflow": (TWINFLOW, TEACHER, "twinflow")}
+          "twinflow": (TWINFLOW, TEACHER, "twinflow"), "s2flash": (STUDENT, TEACHER, "s2flash")}
 
 
 def get_config(arg=None):
     if arg not in MODELS:
-        raise ValueError(f"unknown variant {arg!r}; expected none, 'teacher' or 'twinflow'")
+        raise ValueError(f"unknown variant {arg!r}; expected none, 'teacher', 'twinflow' or 's2flash'")
     model, teacher, recipe = MODELS[arg]
     return Config(
         model=model, teacher=teacher, recipe=recipe,
@@ -54,4 +56,6 @@ def get_config(arg=None):
         data=DataConfig(caption_length=8),
         # Two teacher blocks: one head on each; warm-up short enough to be seen in a smoke run.
         sana_sprint=SanaSprintConfig(scm=SCMConfig(tangent_warmup_steps=20), ladd=LADDConfig(block_ids=(0, 1))),
+        # Lazy R1 every other discriminator update, so a few-step smoke run applies it and skips it.
+        s2flash=S2FlashConfig(steps=4, block_ids=(0, 1), r1_every=2, scm=SCMConfig(tangent_warmup_steps=20)),
     )

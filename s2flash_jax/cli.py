@@ -125,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--recipe", default="sana-sprint", metavar="NAMES",
                       help="distillation recipe(s), comma-separated, one set of rows each: sana-sprint (sCM + LADD "
                            "on the rendered images), tbcm (image-free, on the teacher's trajectories), twinflow "
-                           "(no teacher, no discriminator: the model's own twin branch); default sana-sprint")
+                           "(no teacher, no discriminator: the model's own twin branch), s2flash (adversarial: "
+                           "conv heads on the teacher's blocks, R1; an 8-step student, rows at 1, 5 and 8 "
+                           "steps); default sana-sprint")
 
     precompute = commands.add_parser(
         "precompute", help="encode an image folder with captions into training shards (DC-AE + text encoder)",

@@ -23,11 +23,12 @@ from s2flash_jax.models.sana import SanaConfig
 from s2flash_jax.parallel.mesh import MeshConfig
 from s2flash_jax.precision import Precision
 from s2flash_jax.recipes.flow_matching import FlowMatchingConfig
+from s2flash_jax.recipes.s2flash import S2FlashConfig
 from s2flash_jax.recipes.sana_sprint import SanaSprintConfig
 from s2flash_jax.recipes.tbcm import TBCMConfig
 from s2flash_jax.train.health import HealthConfig
 
-RECIPES = ("sana_sprint", "tbcm", "twinflow", "flow_matching")
+RECIPES = ("sana_sprint", "tbcm", "twinflow", "s2flash", "flow_matching")
 
 
 class ConfigError(ValueError):
@@ -175,6 +176,7 @@ class Config:
     sana_sprint: SanaSprintConfig = SanaSprintConfig()
     tbcm: TBCMConfig = TBCMConfig()
     twinflow: TwinFlowConfig = TwinFlowConfig()
+    s2flash: S2FlashConfig = S2FlashConfig()
     flow_matching: FlowMatchingConfig = FlowMatchingConfig()
     health: HealthConfig = HealthConfig()
     prepare_teacher: PrepareTeacherConfig = PrepareTeacherConfig()

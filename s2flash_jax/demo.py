@@ -8,16 +8,18 @@ Stages (each skipped when its output is complete, so an interrupted demo resumes
   3. student: the SANA-Sprint recipe (TrigFlow transform of the teacher, sCM + LADD) distils it;
      with --recipe tbcm also (or instead) TBCM, image-free on the teacher's own trajectories from a
      prompts-only dataset; with --recipe twinflow, TwinFlow fine-tunes a copy of the teacher into a
-     few-step model with no teacher and no discriminator
+     few-step model with no teacher and no discriminator; with --recipe s2flash, S2-Flash distils
+     an 8-step student adversarially (conv heads on the teacher's blocks, R1, sCM on its step set)
   4. eval: the held-out prompts sampled by the teacher (20 guided Euler steps) and the student
-     (1, 2, 4 steps; and 1 step before distillation), read back by the analytic checker, compared
-     with real renders by a Fréchet distance, timed.
+     (1, 2, 4 steps, S2-Flash's 1, 5, 8; and 1 step before distillation), read back by the analytic
+     checker, compared with real renders by a Fréchet distance, timed.
 
 OUT/
   data/  text_encoder/  feature_net/            shared inputs (prompts/: captions only, for TBCM)
   teacher/ (run) teacher/model/ (checkpoint)     student/ (run) student/model/ (checkpoint)
   student-tbcm/ (run, model/)                    with --recipe tbcm
   student-twinflow/ (run, model/)                with --recipe twinflow
+  student-s2flash/ (run, model/)                 with --recipe s2flash
   grid.png  metrics.json  metrics.md  tensorboard/ (eval scalars; each run has its own logs)
 """
 
@@ -52,9 +54,23 @@ STUDENT_STEPS = (1, 2, 4)
 TEACHER_STEPS = 20
 GRID_PROMPTS = 8
 IMAGE_SIZE = 32
-# recipe -> (variant of configs/shapes.py, run directory, label of its rows)
-RECIPES = {"sana-sprint": ("", "student", "student"), "tbcm": ("tbcm", "student-tbcm", "TBCM student"),
-           "twinflow": ("twinflow", "student-twinflow", "TwinFlow student")}
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoRecipe:
+    """variant: of configs/shapes.py; run: its run directory; label: of its rows; steps: the step counts
+    its student is sampled at, one row each."""
+
+    variant: str
+    run: str
+    label: str
+    steps: tuple[int, ...] = STUDENT_STEPS
+
+
+RECIPES = {"sana-sprint": DemoRecipe("", "student", "student"),
+           "tbcm": DemoRecipe("tbcm", "student-tbcm", "TBCM student"),
+           "twinflow": DemoRecipe("twinflow", "student-twinflow", "TwinFlow student"),
+           "s2flash": DemoRecipe("s2flash", "student-s2flash", "S2-Flash student", (1, 5, 8))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,10 +125,11 @@ def run_shapes_demo(out: Path, *, quick: bool = False, force: bool = False,
 
     students, training, configs = {}, {}, {}
     for recipe in recipes:
-        config_variant, run_name, label = RECIPES[recipe]
+        entry = RECIPES[recipe]
+        run_name, label = entry.run, entry.label
         start = time.perf_counter()
         student_config = load_config(
-            f"{CONFIG}:{','.join(t for t in (config_variant, variant.lstrip(',')) if t)}",
+            f"{CONFIG}:{','.join(t for t in (entry.variant, variant.lstrip(',')) if t)}",
             [f"data.path={out / ('prompts' if recipe == 'tbcm' else 'data')}", f"train.teacher_checkpoint={teacher_ckpt}"])
         configs[label] = student_config
         students[label] = train_and_export(run_name, student_config, out / run_name,
@@ -123,7 +140,8 @@ def run_shapes_demo(out: Path, *, quick: bool = False, force: bool = False,
                             **(json.loads(measured.read_text()) if measured.is_file() else {})}
 
     start = time.perf_counter()
-    metrics = _evaluate(out, teacher_ckpt, students, configs, feature_net, size)
+    steps = {RECIPES[recipe].label: RECIPES[recipe].steps for recipe in recipes}
+    metrics = _evaluate(out, teacher_ckpt, students, configs, steps, feature_net, size)
     clock["eval_s"] = time.perf_counter() - start
     metrics["wall_s"] = clock
     metrics["training"] = training
@@ -190,10 +208,11 @@ def component_writer(text_encoder_dir: Path, autoencoder: SpaceToDepthAutoencode
     return {"metadata": metadata, "write_components": write}
 
 
-def _evaluate(out: Path, teacher_ckpt: Path, students: dict[str, Path], configs: dict[str, Config], feature_net,
-              size: DemoSize) -> dict:
-    """students, configs: row label -> checkpoint, and the config that trained it. The first
-    recipe's student also gets a row before any update: where its distillation starts."""
+def _evaluate(out: Path, teacher_ckpt: Path, students: dict[str, Path], configs: dict[str, Config],
+              steps: dict[str, tuple[int, ...]], feature_net, size: DemoSize) -> dict:
+    """students, configs, steps: row label -> checkpoint, the config that trained it, the step counts
+    it is sampled at. The first recipe's student also gets a row before any update: where its
+    distillation starts."""
     teacher = TextToImage.load(teacher_ckpt)
     loaded = {label: TextToImage.load(ckpt) for label, ckpt in students.items()}
     first = next(iter(students))
@@ -203,7 +222,7 @@ def _evaluate(out: Path, teacher_ckpt: Path, students: dict[str, Path], configs:
     rows = {"reference renders": (None, 0)} | {f"teacher, {TEACHER_STEPS} steps": (teacher, TEACHER_STEPS),
                                                "student before distillation, 1 step": (before, 1)}
     for label, student in loaded.items():
-        rows |= student_rows(label, student)
+        rows |= student_rows(label, student, steps[label])
     results, grid_columns, prompts = score_models(rows, feature_net, size.samples_per_prompt)
     _sample_grid(prompts[:GRID_PROMPTS], grid_columns).save(out / "grid.png")
     _log_scalars(out / "tensorboard", results)
@@ -211,9 +230,10 @@ def _evaluate(out: Path, teacher_ckpt: Path, students: dict[str, Path], configs:
             "samples_per_prompt": size.samples_per_prompt, "teacher_steps_trained": _run_steps(out / "teacher")}
 
 
-def student_rows(label: str, student: TextToImage) -> dict[str, tuple[TextToImage, int]]:
-    """The evaluation rows of a few-step model: 1, 2 and 4 steps."""
-    return {f"{label}, {n} step{'s' if n > 1 else ''}": (student, n) for n in STUDENT_STEPS}
+def student_rows(label: str, student: TextToImage,
+                 steps: tuple[int, ...] = STUDENT_STEPS) -> dict[str, tuple[TextToImage, int]]:
+    """The evaluation rows of a few-step model, one per step count (1, 2 and 4 unless told)."""
+    return {f"{label}, {n} step{'s' if n > 1 else ''}": (student, n) for n in steps}
 
 
 def score_models(rows: dict[str, tuple[TextToImage | None, int]], feature_net,

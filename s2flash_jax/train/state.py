@@ -26,6 +26,7 @@ from s2flash_jax.models.sana import SanaConfig, SanaTransformer
 from s2flash_jax.parallel.mesh import tree_shardings
 from s2flash_jax.recipes.base import DistillState, Recipe
 from s2flash_jax.recipes.flow_matching import flow_matching
+from s2flash_jax.recipes.s2flash import conv_discriminator_for, s2flash
 from s2flash_jax.recipes.sana_sprint import discriminator_for, sana_sprint
 from s2flash_jax.recipes.tbcm import tbcm
 from s2flash_jax.recipes.twinflow import twinflow
@@ -130,12 +131,26 @@ def _build_tbcm(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
 def _build_sana_sprint(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
     student, teacher = _student_and_teacher(config, seeds, teacher_params)
     heads = discriminator_for(teacher, config.sana_sprint, rngs=nnx.Rngs(seeds[2]))
-    cycle = list(config.sana_sprint.cycle)
-    optimizers = {"student": _product_optimizer(config, _updates(config.train.steps, cycle, "generator")),
-                  "discriminator": optimizer_from_config(config.train,
-                                                         _updates(config.train.steps, cycle, "discriminator"))}
     recipe, distill = sana_sprint(student, teacher, heads, _null_caption(config, config.teacher.caption_channels),
-                                  config=config.sana_sprint, optimizers=optimizers)
+                                  config=config.sana_sprint,
+                                  optimizers=_adversarial_optimizers(config, config.sana_sprint.cycle))
+    return recipe, _distilled_from_teacher(config, distill)
+
+
+def _adversarial_optimizers(config, cycle) -> dict[str, optax.GradientTransformation]:
+    """The student's and the discriminator's optimizers, each scheduled over its own share of the cycle."""
+    cycle = list(cycle)
+    return {"student": _product_optimizer(config, _updates(config.train.steps, cycle, "generator")),
+            "discriminator": optimizer_from_config(config.train, _updates(config.train.steps, cycle, "discriminator"))}
+
+
+def _build_s2flash(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
+    """The step set is placed by sample.flow_shift, so the student trains at the times it is sampled at."""
+    student, teacher = _student_and_teacher(config, seeds, teacher_params)
+    heads = conv_discriminator_for(teacher, config.s2flash, rngs=nnx.Rngs(seeds[2]))
+    recipe, distill = s2flash(student, teacher, heads, _null_caption(config, config.teacher.caption_channels),
+                              config=config.s2flash, shift=config.sample.flow_shift,
+                              optimizers=_adversarial_optimizers(config, config.s2flash.cycle))
     return recipe, _distilled_from_teacher(config, distill)
 
 
@@ -149,7 +164,7 @@ def _build_twinflow(config, seeds, teacher_params) -> tuple[Recipe, DistillState
 
 
 BUILDERS = {"sana_sprint": _build_sana_sprint, "tbcm": _build_tbcm, "twinflow": _build_twinflow,
-            "flow_matching": _build_flow_matching}
+            "s2flash": _build_s2flash, "flow_matching": _build_flow_matching}
 
 
 def _build(config, loaded: dict[str, nnx.State]) -> tuple[Recipe, TrainState]:
