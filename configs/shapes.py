@@ -5,7 +5,8 @@ Variants: `configs/shapes.py` distils the student (sCM + LADD) from `train.teach
 `configs/shapes.py:tbcm` distils it image-free on the teacher's trajectories (TBCM, prompts only);
 `configs/shapes.py:twinflow` turns a copy of the teacher into a few-step model (TwinFlow, no teacher);
 `configs/shapes.py:s2flash` distils an 8-step student adversarially (S2-Flash: conv heads on the teacher's
-blocks, R1, sCM on the step set);
+blocks, R1, sCM on the step set); `configs/shapes.py:lcm` trains LoRA adapters on a copy of the teacher
+with latent consistency distillation (the LCM-LoRA baseline S2-Flash is compared with);
 `configs/shapes.py:teacher` trains the teacher with flow matching (`:teacher,legacy`: in base
 SANA's conventions, no QK-norm and the time embedder fed 1000·s); `configs/shapes.py:prepare`
 turns such a teacher into a Sprint teacher (`s2flash prepare-teacher`); add `,quick` to any for the
@@ -34,8 +35,10 @@ import math
 from s2flash_jax.config import Config, PrepareTeacherConfig, SampleConfig, TrainConfig
 from s2flash_jax.data.pipeline import DataConfig
 from s2flash_jax.losses.ladd import LADDConfig
+from s2flash_jax.losses.lcm import LCMConfig
 from s2flash_jax.losses.scm import SCMConfig
 from s2flash_jax.losses.twinflow import TwinFlowConfig
+from s2flash_jax.models.lora import ADAPTER_PATTERN
 from s2flash_jax.models.sana import SanaConfig
 from s2flash_jax.precision import Precision
 from s2flash_jax.recipes.flow_matching import FlowMatchingConfig
@@ -51,6 +54,7 @@ CAPTION_WIDTH = 64
 GUIDANCE_SCALE = 3.0
 FLOW_SHIFT = 3.0
 STUDENT_FLOW_SHIFT = 6.0
+TEACHER_SAMPLING_STEPS = 20  # the demo samples the teacher with 20 guided Euler steps
 
 TEACHER = SanaConfig(
     in_channels=3 * AUTOENCODER_FACTOR**2,
@@ -83,11 +87,11 @@ STEPS = {"full": (1200, 160), "quick": (100, 20)}
 
 def get_config(arg=None):
     tokens = [t for t in (arg or "").split(",") if t]
-    recipes = {"teacher", "tbcm", "twinflow", "s2flash", "prepare"}
+    recipes = {"teacher", "tbcm", "twinflow", "s2flash", "lcm", "prepare"}
     if set(tokens) - recipes - {"quick", "legacy"} or len(set(tokens) & recipes) > 1 or (
             "legacy" in tokens and "teacher" not in tokens):
         raise ValueError(f"variant {arg!r}: expected at most one of 'teacher' (optionally with 'legacy') / 'tbcm' / "
-                         "'twinflow' / 's2flash' / 'prepare', and/or 'quick'")
+                         "'twinflow' / 's2flash' / 'lcm' / 'prepare', and/or 'quick'")
     teacher_steps, student_steps = STEPS["quick" if "quick" in tokens else "full"]
     batch_size = 8 if "quick" in tokens else 32  # --quick only checks that every stage runs
     train = dict(batch_size=batch_size, optimizer="adamw", clip_norm=1.0, ema_decay=0.99, log_every=50,
@@ -153,6 +157,16 @@ def get_config(arg=None):
             train=TrainConfig(steps=student_steps, learning_rate=2e-4, warmup_steps=min(50, student_steps // 10),
                               **train),
             s2flash=S2FlashConfig(steps=8, block_ids=(0, 1), scm=scm),
+            **common)
+    if "lcm" in tokens:
+        # LCM-LoRA: rank-8 adapters on every attention / Mix-FFN projection of a frozen copy of the teacher,
+        # consistency across one step of the teacher's own 20-step sampler (shift 3). Adapters take a
+        # larger learning rate than a whole network (diffusers: 1e-4 for LoRA against 1e-6 for the UNet).
+        return Config(
+            model=dataclasses.replace(STUDENT, lora_rank=8, lora_alpha=8.0), teacher=TEACHER, recipe="lcm",
+            train=TrainConfig(steps=student_steps, learning_rate=1e-3, warmup_steps=min(50, student_steps // 10),
+                              trainable=(ADAPTER_PATTERN,), **train),
+            lcm=LCMConfig(solver_steps=TEACHER_SAMPLING_STEPS, solver_shift=FLOW_SHIFT, scm=scm),
             **common)
     return Config(
         model=STUDENT, teacher=TEACHER,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from s2flash_jax.data.pipeline import DataConfig
+from s2flash_jax.losses.lcm import LCMConfig
 from s2flash_jax.losses.twinflow import TwinFlowConfig
 from s2flash_jax.models.sana import SanaConfig
 from s2flash_jax.parallel.mesh import MeshConfig
@@ -25,10 +26,11 @@ from s2flash_jax.precision import Precision
 from s2flash_jax.recipes.flow_matching import FlowMatchingConfig
 from s2flash_jax.recipes.s2flash import S2FlashConfig
 from s2flash_jax.recipes.sana_sprint import SanaSprintConfig
+from s2flash_jax.recipes.sd35_flash import SD35FlashConfig
 from s2flash_jax.recipes.tbcm import TBCMConfig
 from s2flash_jax.train.health import HealthConfig
 
-RECIPES = ("sana_sprint", "tbcm", "twinflow", "s2flash", "flow_matching")
+RECIPES = ("sana_sprint", "tbcm", "twinflow", "s2flash", "lcm", "sd35_flash", "flow_matching")
 
 
 class ConfigError(ValueError):
@@ -177,6 +179,8 @@ class Config:
     tbcm: TBCMConfig = TBCMConfig()
     twinflow: TwinFlowConfig = TwinFlowConfig()
     s2flash: S2FlashConfig = S2FlashConfig()
+    lcm: LCMConfig = LCMConfig()
+    sd35_flash: SD35FlashConfig = SD35FlashConfig()
     flow_matching: FlowMatchingConfig = FlowMatchingConfig()
     health: HealthConfig = HealthConfig()
     prepare_teacher: PrepareTeacherConfig = PrepareTeacherConfig()

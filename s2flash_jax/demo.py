@@ -9,9 +9,10 @@ Stages (each skipped when its output is complete, so an interrupted demo resumes
      with --recipe tbcm also (or instead) TBCM, image-free on the teacher's own trajectories from a
      prompts-only dataset; with --recipe twinflow, TwinFlow fine-tunes a copy of the teacher into a
      few-step model with no teacher and no discriminator; with --recipe s2flash, S2-Flash distils
-     an 8-step student adversarially (conv heads on the teacher's blocks, R1, sCM on its step set)
+     an 8-step student adversarially (conv heads on the teacher's blocks, R1, sCM on its step set);
+     with --recipe lcm-lora, LoRA adapters on a copy of the teacher learn latent consistency (LCM-LoRA)
   4. eval: the held-out prompts sampled by the teacher (20 guided Euler steps) and the student
-     (1, 2, 4 steps, S2-Flash's 1, 5, 8; and 1 step before distillation), read back by the analytic
+     (1, 2, 4 steps, S2-Flash's and LCM-LoRA's 1, 5, 8; and 1 step before distillation), read back by the analytic
      checker, compared with real renders by a Fréchet distance, timed.
 
 OUT/
@@ -20,6 +21,7 @@ OUT/
   student-tbcm/ (run, model/)                    with --recipe tbcm
   student-twinflow/ (run, model/)                with --recipe twinflow
   student-s2flash/ (run, model/)                 with --recipe s2flash
+  student-lcm-lora/ (run, model/)                with --recipe lcm-lora
   grid.png  metrics.json  metrics.md  tensorboard/ (eval scalars; each run has its own logs)
 """
 
@@ -39,7 +41,8 @@ from s2flash_jax.config import Config, ConfigError, load_config
 from s2flash_jax.data import shapes
 from s2flash_jax.data.records import read_dataset_info, write_shards
 from s2flash_jax.eval.alignment import score
-from s2flash_jax.eval.frechet import frechet_distance, image_features, load_feature_net, save_feature_net, train_feature_net
+from s2flash_jax.eval.frechet import (
+    frechet_distance, image_features, load_feature_net, patch_crops, save_feature_net, train_feature_net)
 from s2flash_jax.models.space_to_depth import SpaceToDepthAutoencoder, SpaceToDepthConfig
 from s2flash_jax.models.text_encoder import FrozenTextEncoder, TextEncoderConfig, WordTokenizer
 from s2flash_jax.outputs import OutputExists
@@ -70,7 +73,8 @@ class DemoRecipe:
 RECIPES = {"sana-sprint": DemoRecipe("", "student", "student"),
            "tbcm": DemoRecipe("tbcm", "student-tbcm", "TBCM student"),
            "twinflow": DemoRecipe("twinflow", "student-twinflow", "TwinFlow student"),
-           "s2flash": DemoRecipe("s2flash", "student-s2flash", "S2-Flash student", (1, 5, 8))}
+           "s2flash": DemoRecipe("s2flash", "student-s2flash", "S2-Flash student", (1, 5, 8)),
+           "lcm-lora": DemoRecipe("lcm", "student-lcm-lora", "LCM-LoRA student", (1, 5, 8))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,12 +244,15 @@ def score_models(rows: dict[str, tuple[TextToImage | None, int]], feature_net,
                  samples_per_prompt: int) -> tuple[dict[str, dict], dict[str, np.ndarray], list[str]]:
     """Sample the held-out prompts (samples_per_prompt seeds each) with every row's model at its
     step count (None: reference renders of other seeds) and score them: alignment accuracy by
-    attribute, Fréchet distance to renders, images/s. Returns (results by label, the first
+    attribute, Fréchet distance to renders over whole images and over their 16 px crops
+    (eval/frechet.patch_crops), images/s. Returns (results by label, the first
     GRID_PROMPTS images by label, the prompts)."""
     scenes = shapes.heldout_scenes()
     prompts = [shapes.prompt(s) for s in scenes] * samples_per_prompt
     all_scenes = scenes * samples_per_prompt
-    reference_features = image_features(feature_net, shapes.render_batch(all_scenes, seed=12345))
+    reference = shapes.render_batch(all_scenes, seed=12345)
+    reference_features = image_features(feature_net, reference)
+    reference_patches = image_features(feature_net, patch_crops(reference))
     results, grid_columns = {}, {}
     for label, (pipeline, steps) in tqdm(rows.items(), desc="evaluating", unit="model"):
         timings = {}
@@ -256,6 +263,8 @@ def score_models(rows: dict[str, tuple[TextToImage | None, int]], feature_net,
         alignment = score(images, all_scenes)
         results[label] = {**{f"accuracy/{k}": v for k, v in alignment.items()},
                           "frechet": frechet_distance(image_features(feature_net, images), reference_features),
+                          "frechet_patch": frechet_distance(image_features(feature_net, patch_crops(images)),
+                                                            reference_patches),
                           **({"images_per_s": timings["images"] / timings["seconds"]} if timings else {})}
         grid_columns[label] = images[:GRID_PROMPTS]
     return results, grid_columns, prompts
@@ -294,12 +303,13 @@ def _log_scalars(path: Path, results: dict) -> None:
 
 def metrics_table(metrics: dict) -> str:
     keys = ("prompt", "colour", "shape", "size", "position", "count")
-    lines = ["| model | " + " | ".join(f"{k} acc." for k in keys) + " | Fréchet dist. | images/s |",
-             "|---" * (len(keys) + 3) + "|"]
+    lines = ["| model | " + " | ".join(f"{k} acc." for k in keys) + " | Fréchet dist. | patch Fréchet | images/s |",
+             "|---" * (len(keys) + 4) + "|"]
     for label, values in metrics["models"].items():
-        rate = values.get("images_per_s")
+        rate, patch = values.get("images_per_s"), values.get("frechet_patch")  # absent in older metrics
         lines.append(f"| {label} | " + " | ".join(f"{values[f'accuracy/{k}']:.1%}" for k in keys)
-                     + f" | {values['frechet']:.2f} | {'' if rate is None else f'{rate:,.0f}'} |")
+                     + f" | {values['frechet']:.2f} | {'' if patch is None else f'{patch:.2f}'} | "
+                     + f"{'' if rate is None else f'{rate:,.0f}'} |")
     training = metrics.get("training", {})
     if training:
         lines += ["", "| distillation | updates | batch | train time | peak step memory |", "|---|---|---|---|---|"]

@@ -8,7 +8,8 @@ from flax import nnx
 
 from s2flash_jax.data.shapes import Scene, heldout_scenes, render_batch, scenes
 from s2flash_jax.eval.frechet import (LABELS, FeatureNet, feature_net_accuracy, frechet_distance, image_features,
-                                      load_feature_net, save_feature_net, scene_labels, train_feature_net)
+                                      load_feature_net, patch_crops, save_feature_net, scene_labels,
+                                      train_feature_net)
 
 
 def with_moments(rng, mean, covariance, n=500):
@@ -92,6 +93,27 @@ def test_features_separate_shifted_distributions(trained):
     same = frechet_distance(reference, fresh)
     assert frechet_distance(reference, collapsed) > 1.5 * same
     assert frechet_distance(reference, noisy) > 1.5 * same
+    # The patch-level distance (16 px crops) also tells the noisy renders from clean ones of other seeds.
+    patches = {name: image_features(net, patch_crops(images)) for name, images in (
+        ("reference", render_batch(batch, 32, seed=1)), ("fresh", render_batch(scenes(6, 0, 400), 32, seed=2)),
+        ("noisy", noisy_images))}
+    assert frechet_distance(patches["reference"], patches["noisy"]) > 1.5 * frechet_distance(
+        patches["reference"], patches["fresh"])
+
+
+def test_patch_crops_are_the_stride_grid_windows_magnified_by_repetition():
+    images = np.random.default_rng(0).random((2, 32, 32, 3)).astype(np.float32)
+    crops = patch_crops(images, crop=16, stride=8)
+    assert crops.shape == (2 * 9, 32, 32, 3)
+    for n in range(2):
+        for k, (y, x) in enumerate((y, x) for y in (0, 8, 16) for x in (0, 8, 16)):
+            window = images[n, y:y + 16, x:x + 16]
+            for a in (0, 1):
+                for b in (0, 1):
+                    np.testing.assert_array_equal(crops[n * 9 + k, a::2, b::2], window)
+    assert patch_crops(images, crop=32, stride=8).shape == images.shape
+    with pytest.raises(ValueError, match="crop=12"):
+        patch_crops(images, crop=12)
 
 
 def test_save_and_load(trained, tmp_path):

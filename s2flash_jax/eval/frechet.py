@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +28,7 @@ import optax
 from flax import nnx, serialization
 
 from s2flash_jax.data.shapes import COLOURS, POSITIONS, SHAPES, SIZES, Scene, heldout_scenes, render_batch, scenes
+from s2flash_jax.eval.inception import crop_patches
 
 LABELS: tuple[str, ...] = tuple(f"{colour} {attribute}" for colour in COLOURS
                                 for attribute in SHAPES + SIZES + POSITIONS)  # "red circle", "red big", "red top left", ...
@@ -164,6 +166,26 @@ def image_features(net: FeatureNet, images: np.ndarray, batch_size: int = 256) -
         raise ValueError(f"images have shape {images.shape}; this feature net expects [N, {', '.join(map(str, expected))}]")
     graph, state = nnx.split(net)
     return np.asarray(_batched(lambda x: _features(graph, state, x), images, batch_size), np.float64)
+
+
+def patch_crops(images: np.ndarray, crop: int = 16, stride: int = 8) -> np.ndarray:
+    """Every crop x crop window of images [N, S, S, C] on a `stride` grid, magnified by pixel repetition
+    back to S x S: [N·K², S, S, C] with K = (S − crop) / stride + 1 (image-major).
+
+    The crops of a patch-level Fréchet distance (S2-Flash reports one beside whole-image FID, after
+    high-resolution FID practice: Inception-sized crops of the full image). The shapes images are
+    already the feature net's size, so each crop is magnified instead: by repetition, not
+    interpolation, so that pixel-level grain and edge quality reach the features unsmoothed.
+    """
+    images = np.asarray(images)
+    size = images.shape[1]
+    if images.ndim != 4 or images.shape[2] != size or size % crop or crop > size or (size - crop) % stride:
+        raise ValueError(f"images {images.shape}: expected [N, S, S, C] with S a multiple of crop={crop} and "
+                         f"S - crop a multiple of stride={stride}")
+    starts = range(0, size - crop + 1, stride)
+    windows = crop_patches(images, [(y, x) for y in starts for x in starts], patch=crop)
+    magnify = size // crop
+    return einops.repeat(windows, "n h w c -> n (h a) (w b) c", a=magnify, b=magnify)
 
 
 @functools.partial(jax.jit, static_argnums=0)

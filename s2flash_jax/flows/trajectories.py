@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from s2flash_jax.flows.trigflow import MAX_TIME, SIGMA_DATA, lognormal_times
+from s2flash_jax.flows.trigflow import MAX_TIME, SIGMA_DATA, ddim_step, lognormal_times
 
 ROUTE_STRATEGIES = ("reference", "stratified", "sorted_lognormal")
 
@@ -74,7 +74,7 @@ def teacher_trajectory(velocity: Callable[[jax.Array, jax.Array], jax.Array], x_
     def step(x, t_pair):
         t, t_next = t_pair
         v = velocity(x, jnp.full((x.shape[0],), t))
-        return jnp.cos(t - t_next) * x - jnp.sin(t - t_next) * v, (x, v)
+        return ddim_step(x, t, t_next, v), (x, v)
 
     x0, (states, velocities) = jax.lax.scan(step, x_start, (times, jnp.append(times[1:], 0.0)))
     return states, velocities, x0

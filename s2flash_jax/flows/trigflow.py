@@ -88,6 +88,14 @@ def consistency_fn(model: TrigFlowFn, x_t: jax.Array, t: jax.Array, sigma_data: 
     return jnp.cos(tb) * x_t - jnp.sin(tb) * sigma_data * model(x_t / sigma_data, t)
 
 
+def ddim_step(x_t: jax.Array, t: jax.Array, t_next: jax.Array, dxt_dt: jax.Array) -> jax.Array:
+    """x at t_next from x_t at t along dx/dt = dxt_dt: cos(t − t')·x_t − sin(t − t')·dx_t/dt, exact
+    when the sample's x0 and noise stay fixed over the step (the TrigFlow form of a DDIM / flow Euler
+    step). x_t, dxt_dt: [B, ...]; t, t_next: [B] or scalars."""
+    delta = per_example(jnp.asarray(t, jnp.float32) - jnp.asarray(t_next, jnp.float32), x_t)
+    return jnp.cos(delta) * x_t - jnp.sin(delta) * dxt_dt
+
+
 def scm_timesteps(num_steps: int, intermediate: Sequence[float] | None = None,
                   max_time: float = MAX_TIME, shift: float = 1.0) -> list[float]:
     """Sampling times [max_time, ..., 0] with num_steps + 1 entries.

@@ -207,10 +207,15 @@ def sana_sprint(student: SanaTransformer, teacher: SanaTransformer, discriminato
     return recipe, state
 
 
-def check_student_and_teacher(student: SanaTransformer, teacher: SanaTransformer, scm: SCMConfig) -> list[str]:
-    """What keeps a SANA-Sprint-style student from being distilled from `teacher`, as messages."""
+def check_student_and_teacher(student: SanaTransformer, teacher: SanaTransformer, scm: SCMConfig,
+                              null_caption: jax.Array | None = None) -> list[str]:
+    """What keeps a SANA-Sprint-style student from being distilled from `teacher` (with this
+    unconditional caption [L, caption_channels], when given), as messages."""
     s, t = student.config, teacher.config
     problems = []
+    if null_caption is not None and (null_caption.ndim != 2 or null_caption.shape[1] != t.caption_channels):
+        problems.append(f"null_caption has shape {null_caption.shape}; expected [L, {t.caption_channels}] "
+                        "(caption length, caption_channels)")
     if not (s.guidance_embeds and s.logvar_head):
         problems.append("the student needs guidance_embeds=True and logvar_head=True")
     if t.guidance_embeds:

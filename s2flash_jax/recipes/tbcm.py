@@ -143,15 +143,12 @@ def tbcm(student: SanaTransformer, teacher: SanaTransformer, null_caption: jax.A
          ) -> tuple[Recipe, DistillState]:
     """The TBCM recipe over these networks, and its initial state (null_caption: [L, caption_channels],
     each prompt's own mask; optimizer defaults to SANA-Sprint's CAME)."""
-    problems = check_student_and_teacher(student, teacher, config.scm)
+    problems = check_student_and_teacher(student, teacher, config.scm, null_caption)
     if config.replay_points and not config.replay_size:
         problems.append(f"tbcm.replay_points={config.replay_points} draws from a replay buffer, but "
                         "tbcm.replay_size=0 keeps none (set replay_size > 0)")
     if problems:
         raise ValueError("TBCM networks do not fit together: " + "; ".join(problems))
-    if null_caption.ndim != 2 or null_caption.shape[1] != teacher.config.caption_channels:
-        raise ValueError(f"null_caption has shape {null_caption.shape}; expected [L, "
-                         f"{teacher.config.caption_channels}] (caption length, caption_channels)")
     s_graph, s_params = nnx.split(student)
     t_graph, t_params = nnx.split(teacher)
     nets = SprintNetworks(s_graph, t_graph, None, SanaSprintConfig(scm=config.scm))

@@ -26,8 +26,10 @@ from s2flash_jax.models.sana import SanaConfig, SanaTransformer
 from s2flash_jax.parallel.mesh import tree_shardings
 from s2flash_jax.recipes.base import DistillState, Recipe
 from s2flash_jax.recipes.flow_matching import flow_matching
+from s2flash_jax.recipes.lcm import lcm
 from s2flash_jax.recipes.s2flash import conv_discriminator_for, s2flash
 from s2flash_jax.recipes.sana_sprint import discriminator_for, sana_sprint
+from s2flash_jax.recipes.sd35_flash import sd35_flash
 from s2flash_jax.recipes.tbcm import tbcm
 from s2flash_jax.recipes.twinflow import twinflow
 from s2flash_jax.train.optim import optimizer_from_config
@@ -121,11 +123,17 @@ def _distilled_from_teacher(config, distill: DistillState) -> DistillState:
     return distill
 
 
-def _build_tbcm(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
-    student, teacher = _student_and_teacher(config, seeds, teacher_params)
-    recipe, distill = tbcm(student, teacher, _null_caption(config, config.teacher.caption_channels),
-                           config=config.tbcm, optimizer=_product_optimizer(config))
-    return recipe, _distilled_from_teacher(config, distill)
+def _student_only(recipe_fn):
+    """The builder of a recipe that trains the student alone (TBCM, LCM): its settings are the
+    config section named as the recipe."""
+
+    def build(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
+        student, teacher = _student_and_teacher(config, seeds, teacher_params)
+        recipe, distill = recipe_fn(student, teacher, _null_caption(config, config.teacher.caption_channels),
+                                    config=getattr(config, config.recipe), optimizer=_product_optimizer(config))
+        return recipe, _distilled_from_teacher(config, distill)
+
+    return build
 
 
 def _build_sana_sprint(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
@@ -133,15 +141,16 @@ def _build_sana_sprint(config, seeds, teacher_params) -> tuple[Recipe, DistillSt
     heads = discriminator_for(teacher, config.sana_sprint, rngs=nnx.Rngs(seeds[2]))
     recipe, distill = sana_sprint(student, teacher, heads, _null_caption(config, config.teacher.caption_channels),
                                   config=config.sana_sprint,
-                                  optimizers=_adversarial_optimizers(config, config.sana_sprint.cycle))
+                                  optimizers=_student_and_partner_optimizers(config, config.sana_sprint.cycle))
     return recipe, _distilled_from_teacher(config, distill)
 
 
-def _adversarial_optimizers(config, cycle) -> dict[str, optax.GradientTransformation]:
-    """The student's and the discriminator's optimizers, each scheduled over its own share of the cycle."""
+def _student_and_partner_optimizers(config, cycle, partner: str = "discriminator") -> dict[str, optax.GradientTransformation]:
+    """The student's optimizer and its partner network's (a discriminator, or SD3.5-Flash's fake score,
+    trained by the phase of the same name), each scheduled over its own share of the cycle."""
     cycle = list(cycle)
     return {"student": _product_optimizer(config, _updates(config.train.steps, cycle, "generator")),
-            "discriminator": optimizer_from_config(config.train, _updates(config.train.steps, cycle, "discriminator"))}
+            partner: optimizer_from_config(config.train, _updates(config.train.steps, cycle, partner))}
 
 
 def _build_s2flash(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
@@ -150,7 +159,17 @@ def _build_s2flash(config, seeds, teacher_params) -> tuple[Recipe, DistillState]
     heads = conv_discriminator_for(teacher, config.s2flash, rngs=nnx.Rngs(seeds[2]))
     recipe, distill = s2flash(student, teacher, heads, _null_caption(config, config.teacher.caption_channels),
                               config=config.s2flash, shift=config.sample.flow_shift,
-                              optimizers=_adversarial_optimizers(config, config.s2flash.cycle))
+                              optimizers=_student_and_partner_optimizers(config, config.s2flash.cycle))
+    return recipe, _distilled_from_teacher(config, distill)
+
+
+def _build_sd35_flash(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
+    """The step set is placed by sample.flow_shift, as S2-Flash's; the fake score starts as the teacher."""
+    student, teacher = _student_and_teacher(config, seeds, teacher_params)
+    recipe, distill = sd35_flash(student, teacher, _null_caption(config, config.teacher.caption_channels),
+                                 config=config.sd35_flash, shift=config.sample.flow_shift,
+                                 optimizers=_student_and_partner_optimizers(config, config.sd35_flash.cycle,
+                                                                            "fake_score"))
     return recipe, _distilled_from_teacher(config, distill)
 
 
@@ -163,8 +182,9 @@ def _build_twinflow(config, seeds, teacher_params) -> tuple[Recipe, DistillState
                     optimizer=_product_optimizer(config))
 
 
-BUILDERS = {"sana_sprint": _build_sana_sprint, "tbcm": _build_tbcm, "twinflow": _build_twinflow,
-            "s2flash": _build_s2flash, "flow_matching": _build_flow_matching}
+BUILDERS = {"sana_sprint": _build_sana_sprint, "tbcm": _student_only(tbcm), "lcm": _student_only(lcm),
+            "twinflow": _build_twinflow, "s2flash": _build_s2flash, "sd35_flash": _build_sd35_flash,
+            "flow_matching": _build_flow_matching}
 
 
 def _build(config, loaded: dict[str, nnx.State]) -> tuple[Recipe, TrainState]:
