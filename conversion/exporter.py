@@ -6,7 +6,9 @@ timestep_scale=1.0) a `SanaPipeline` (`FlowMatchEulerDiscreteScheduler`, shift =
 `sampling.flow_shift`, else 1.0). Both take the VAE, text encoder and tokenizer from the teacher
 pipeline; PIPELINE_KINDS holds what differs. A TwinFlow student has no diffusers form and is refused.
 A checkpoint with LoRA adapters is exported merged, each adapter folded into its base weight
-(`s2flash convert export-lora`, conversion/lora.py, writes the adapters alone).
+(`s2flash convert export-lora`, conversion/lora.py, writes the adapters alone). A quantized checkpoint
+(`s2flash quantize`) is exported dequantized: each int8/int4 kernel times its per-channel scale, in the
+scale's dtype (the source's) unless --dtype says otherwise.
 
 The weights stream out one JAX parameter at a time (read alone from the checkpoint, cut into its
 per-block diffusers tensors, written into safetensors shards), so an export holds about one
@@ -32,11 +34,13 @@ from conversion.safetensors_io import TensorSpec, write_sharded
 from conversion.sana_diffusers import JAX_ONLY, Row, key_table, param_shapes, tensor_keys
 from conversion.sources import DIFFUSERS_CLASS
 from s2flash_jax.flows.trigflow import SIGMA_DATA
-from s2flash_jax.model_checkpoint import read_metadata, read_model_config, read_stored_params, stored_params
+from s2flash_jax.model_checkpoint import read_metadata, read_model_config, read_stored_params
 from s2flash_jax.models.layers import LoRA
 from s2flash_jax.models.lora import ADAPTER_NAMES, folded_kernel
 from s2flash_jax.models.sana import SanaConfig
 from s2flash_jax.outputs import fresh_output_dir
+# A quantized checkpoint's parameters read as the dequantized model's; a float checkpoint's as stored.
+from s2flash_jax.quantize import dequantized_stored_params, read_dequantized_params
 
 DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16), "bf16": np.dtype(ml_dtypes.bfloat16)}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # as diffusers' SANA conversion script writes them
@@ -90,7 +94,7 @@ def _diffusers_version() -> dict[str, str]:
 def check_stored_params(ckpt: Path, config: SanaConfig) -> dict[str, Any]:
     """The checkpoint's stored parameters (path -> shape/dtype), checked against its config."""
     expected = param_shapes(config)
-    stored = stored_params(ckpt)
+    stored = dequantized_stored_params(ckpt)
     missing = sorted(set(expected) - set(stored))
     extra = sorted(set(stored) - set(expected))
     wrong = [f"{p} {tuple(stored[p].shape)} (expected {expected[p]})" for p in expected
@@ -157,7 +161,8 @@ class _ParamStream:
     def _read(self, group: list[str]) -> dict[str, np.ndarray]:
         adapters = {path: [path.removesuffix("kernel") + name for name in ADAPTER_NAMES] for path in group
                     if path.endswith("/kernel") and path.removesuffix("kernel") + ADAPTER_NAMES[0] in self.stored}
-        values = read_stored_params(self.ckpt, group + [name for names in adapters.values() for name in names])
+        values = read_dequantized_params(self.ckpt, group + [name for names in adapters.values() for name in names],
+                                         read=read_stored_params)
         for path, (a, b) in adapters.items():
             values[path] = np.asarray(folded_kernel(values[path], values[a], values[b], self.lora.scale))
         return {path: self._cast(values[path], path) for path in group}
@@ -265,7 +270,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, dtype: str | None = 
                                            max_shard_bytes=max_shard_bytes)
         if pipeline is not None:
             write_pipeline(staging, Path(pipeline), index, kind, scheduler_config)
-    dropped = [p for p in stored_params(ckpt) if p.startswith(JAX_ONLY)]
+    dropped = [p for p in dequantized_stored_params(ckpt) if p.startswith(JAX_ONLY)]
     extra_files = [p.name for p in ckpt.iterdir() if p.name not in ("model.json", "params")]
     files = [out / f.relative_to(staging) for f in files]
     return ExportResult(config, files, tensors, dropped + extra_files, None if pipeline is None else kind.pipeline)

@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "on the rendered images), tbcm (image-free, on the teacher's trajectories), twinflow "
                            "(no teacher, no discriminator: the model's own twin branch), s2flash (adversarial: "
                            "conv heads on the teacher's blocks, R1; an 8-step student, rows at 1, 5 and 8 "
-                           "steps); default sana-sprint")
+                           "steps), lcm-lora (the LCM-LoRA baseline: LoRA adapters on a copy of the teacher, "
+                           "latent consistency distillation; rows at 1, 5 and 8 steps); default sana-sprint")
 
     precompute = commands.add_parser(
         "precompute", help="encode an image folder with captions into training shards (DC-AE + text encoder)",
@@ -146,7 +147,38 @@ def build_parser() -> argparse.ArgumentParser:
                     "evaluators read. Every file is local: see docs/evaluation.md.")
     add_eval_arguments(evaluate)
     _add_convert_parser(commands)
+    _add_quantize_parser(commands)
     return parser
+
+
+def _add_quantize_parser(commands) -> None:
+    quantize = commands.add_parser(
+        "quantize", help="weight-only int8 / int4 quantization of a model checkpoint (qwix), some layers kept",
+        description="Quantize the kernels of a model checkpoint's linear layers to int8 or int4 (qwix post-training "
+                    "quantization, weight-only, per output channel), except the layers --keep names, and write a "
+                    "quantized model checkpoint (its components copied) that `s2flash sample --ckpt` and `s2flash "
+                    "eval` run with quantized matmuls and `s2flash convert export` exports dequantized. See "
+                    "docs/quantization.md.")
+    quantize.add_argument("ckpt", help="model checkpoint directory (e.g. runs/shapes-demo/student/model)")
+    quantize.add_argument("--bits", type=int, required=True, help="8 (int8) or 4 (int4)")
+    quantize.add_argument("--keep", nargs="*", default=None, metavar="PATTERN",
+                          help="layers to keep in full precision: globs over layer names such as "
+                               "transformer_blocks/attn1/to_q or 'time_embed/*' (or re:REGEX); each must match a "
+                               "layer. Default: the first and last layers, patch_embed/* and proj_out (quantize.DEFAULT_KEEP); "
+                               "--keep with no pattern quantizes every layer")
+    quantize.add_argument("--out", required=True, help="quantized model checkpoint directory to write")
+    quantize.add_argument("--force", action="store_true", help="replace an existing output")
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from s2flash_jax.quantize import quantize_checkpoint
+
+    result = quantize_checkpoint(args.ckpt, args.out, bits=args.bits, keep=args.keep, force=args.force)
+    q = result.quantization
+    print(f"quantized {len(q.layers)} linear layers of {args.ckpt} to int{q.bits} (kept: "
+          f"{', '.join(q.keep) or 'none'}); parameters {result.bytes_before:,} -> {result.bytes_after:,} bytes; "
+          f"wrote {args.out}")
+    return 0
 
 
 # Modules of the [torch] extra: a convert command that needs one of them says so instead of a traceback.
@@ -300,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_convert(args)
         if args.command == "eval":
             return _run_eval(args)
+        if args.command == "quantize":
+            return _run_quantize(args)
         if args.command == "demo":
             from s2flash_jax.demo import run_shapes_demo
 

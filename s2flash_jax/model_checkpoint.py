@@ -94,14 +94,23 @@ def check_architecture(path: str | Path, expected: SanaConfig, ignoring: Sequenc
         raise CheckpointError(f"model checkpoint {path} holds a different architecture: {', '.join(differing)}")
 
 
-def load_params(path: str | Path, expected: SanaConfig, abstract: nnx.State, shardings: Any = None) -> nnx.State:
+def load_params(path: str | Path, expected: SanaConfig, abstract: nnx.State, shardings: Any = None, *,
+                quantized: bool = False) -> nnx.State:
     """The checkpoint's parameters, laid out as `abstract` (an nnx.State of ShapeDtypeStructs or arrays)
     with `shardings` (a matching tree of shardings, or None for the default device).
 
     The checkpoint must hold a model with the architecture `expected`: every differing key is named.
-    Parameters are cast to the dtypes of `abstract`.
+    Parameters are cast to the dtypes of `abstract`. A quantized checkpoint (model.json
+    "quantization", see quantize.py) is refused unless quantized=True (`abstract` is then the
+    quantized model's, quantize.abstract_quantized_model).
     """
     check_architecture(path, expected)
+    quantization = read_metadata(path).get("quantization")
+    if quantization is not None and not quantized:
+        raise CheckpointError(
+            f"model checkpoint {path} holds int{quantization.get('bits')} weights (`s2flash quantize`): it samples "
+            f"and exports, but does not load as a float model (to train from, or as a teacher); use the checkpoint "
+            f"it was quantized from ({quantization.get('source', 'see its model.json')})")
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)

@@ -9,6 +9,9 @@ SANA's Gemma-2 `CaptionEncoder` and `DCAutoencoder` (which conversion/ loads; `s
 --text-encoder --vae`). Any pair fits that has the small interface below (`TextEncoder`,
 `Autoencoder`): the shapes demo's components and SANA's both do.
 
+A quantized checkpoint (`s2flash quantize`) loads as qwix's quantized transformer: int8 / int4
+weights, dequantized inside each compiled matmul (quantize.py).
+
 A student (guidance embedding) samples as SanaSprintPipeline does (multistep consistency, guidance
 embedding), a flow teacher with guided Euler steps; both on the same seeded noise for the same seed.
 Prompts go in batches of a fixed size (the last one padded); text encoding, sampling and decoding
@@ -86,7 +89,9 @@ def batch_key(seed: int, start: int) -> jax.Array:
 @dataclasses.dataclass
 class TextToImage:
     """model: the transformer's config; params: its nnx.Param state; guidance_scale / flow_shift:
-    sampling defaults (see sampling.few_step_sample); batch_size: generate's default."""
+    sampling defaults (see sampling.few_step_sample); batch_size: generate's default; graphdef: the
+    transformer's nnx graph that `params` fill (None: a plain SanaTransformer of `model`; a quantized
+    checkpoint's is qwix's quantized model, see quantize.py)."""
 
     model: SanaConfig
     params: nnx.State
@@ -96,10 +101,11 @@ class TextToImage:
     flow_shift: float = 1.0
     precision: Precision = FP32
     batch_size: int = DEFAULT_BATCH_SIZE
+    graphdef: Any = None
 
     def __post_init__(self):
         self._check_components()
-        self._graphdef = nnx.graphdef(nnx.eval_shape(
+        self._graphdef = self.graphdef if self.graphdef is not None else nnx.graphdef(nnx.eval_shape(
             lambda: SanaTransformer(self.model, precision=self.precision, rngs=nnx.Rngs(0))))
         self._mesh = make_mesh(MeshConfig(data=-1))  # every device on the data axis
         self._replicated = NamedSharding(self._mesh, PartitionSpec())
@@ -153,14 +159,21 @@ class TextToImage:
         if text_encoder is None:
             text_encoder = FrozenTextEncoder.load(path / meta["text_encoder"])
         precision = precision or cls.precision
-        abstract = nnx.state(nnx.eval_shape(lambda: SanaTransformer(model, precision=precision, rngs=nnx.Rngs(0))))
+        quantized = "quantization" in meta
+        if quantized:  # int8 / int4 weights, matmuls through qwix (quantize.py, imported only for these)
+            from s2flash_jax.quantize import abstract_quantized_model, read_quantization
+
+            net = abstract_quantized_model(model, read_quantization(path), precision)
+        else:
+            net = nnx.eval_shape(lambda: SanaTransformer(model, precision=precision, rngs=nnx.Rngs(0)))
+        graphdef, abstract = nnx.split(net)
         replicated = NamedSharding(make_mesh(MeshConfig(data=-1)), PartitionSpec())
         sampling = meta.get("sampling", {})
-        return cls(model=model, params=load_params(path, model, abstract, jax.tree.map(lambda _: replicated, abstract)),
-                   text_encoder=text_encoder, autoencoder=autoencoder,
+        params = load_params(path, model, abstract, jax.tree.map(lambda _: replicated, abstract), quantized=quantized)
+        return cls(model=model, params=params, text_encoder=text_encoder, autoencoder=autoencoder,
                    guidance_scale=sampling.get("guidance_scale", DEFAULT_GUIDANCE_SCALE),
                    flow_shift=sampling.get("flow_shift", 1.0), precision=precision,
-                   batch_size=DEFAULT_BATCH_SIZE if own_components else jax.device_count())
+                   batch_size=DEFAULT_BATCH_SIZE if own_components else jax.device_count(), graphdef=graphdef)
 
     def round_batch_size(self, batch_size: int) -> int:
         """batch_size rounded up to a multiple of the device count (each device takes an equal share)."""
