@@ -44,6 +44,7 @@ def test_rerun_resumes_every_stage_and_reproduces_the_metrics(demo, capsys):
     assert scores(again) == scores(metrics)
 
 
+@pytest.mark.slow  # TBCM's engine path is tested in test_tbcm.py; this adds its demo rows (~2 min)
 def test_tbcm_recipe_adds_its_rows_trained_from_prompts_alone(demo, tmp_path, capsys):
     """--recipe sana-sprint,tbcm on a finished demo: only the TBCM student trains, on a dataset with no
     latents at all; its rows and its training cost join the SANA-Sprint ones, which are unchanged."""

@@ -95,6 +95,7 @@ def features_of(extractor, images):
     return features_to_host(extractor(np.stack(images)))
 
 
+@pytest.mark.slow  # ~3 min on 2 cores: ten 2048-d Fréchet distances and a full-size Inception; CI skips it
 def test_streamed_metrics_equal_the_exported_images_metrics(assets, tmp_path, capsys):
     """Chunks of 3 images (so statistics and CLIP scores are accumulated over several chunks and a
     padded last batch) against one batch of the written PNGs, read back as a user's evaluator would."""

@@ -104,21 +104,17 @@ def test_lcm_distilled_mlp_samples_the_gaussian_in_1_2_and_4_steps():
     assert_consistency_samples_match(DATA, lambda x, t: mlp(params, x, t))
 
 
-def test_train_command_trains_only_the_lora_adapters_and_resumes_bit_for_bit(tmp_path):
+def test_train_command_trains_only_the_lora_adapters(tmp_path):
     """`s2flash train --config configs/tiny.py:lcm` (a random teacher whose output layer is not zero, so
-    gradients reach the blocks): every adapter trains, nothing else moves, and a run stopped after 2
-    updates and resumed equals an uninterrupted one."""
+    gradients reach the blocks): every adapter trains and nothing else moves. (Resume is the engine's,
+    tested with every other recipe; LCM keeps no state of its own.)"""
     data = write_tiny_dataset(tmp_path / "data", num_records=32)
     teacher = random_checkpoint(tmp_path / "teacher", load_config("configs/tiny.py:lcm").teacher, seed=2)
-    overrides = [f"data.path={data}", f"train.teacher_checkpoint={teacher}", "train.steps=4", "train.log_every=0",
-                 "train.checkpoint_every=2", "train.learning_rate=1e-2"]
+    overrides = [f"data.path={data}", f"train.teacher_checkpoint={teacher}", "train.steps=3", "train.log_every=0",
+                 "train.checkpoint_every=3", "train.learning_rate=1e-2"]
     config = load_config("configs/tiny.py:lcm", overrides)
     whole = train(config, tmp_path / "whole", record_losses=True, quiet=True)
     assert all(np.isfinite(m["lcm/loss"]) and m["lcm/loss"] > 0 for m in whole.losses)
-    train(config, tmp_path / "split", quiet=True, stop_after=2)
-    rest = train(config, tmp_path / "split", resume=True, record_losses=True, quiet=True)
-    assert rest.losses == whole.losses[2:]
-    assert_states_equal(rest.state, whole.state)
 
     _, initial, _ = create_train_state(config, make_mesh(config.mesh))
     before, after = flat(initial.distill.params["student"]), flat(whole.state.distill.params["student"])

@@ -50,11 +50,12 @@ def dataset(tmp_path_factory):
 
 
 def test_losses_equal_across_mesh_shapes(dataset, tmp_path):
+    """Pure data parallelism against all three axes at once (the fsdp-only layout is covered by the
+    resume test below)."""
     result = run_worker(["meshes", dataset, tmp_path], devices=8)
     reference = result["data=8"]
     assert all(np.isfinite(v) for step in reference for v in step.values())
-    for spec in ("data=2,fsdp=4", "data=2,fsdp=2,tensor=2"):
-        assert_same_losses(result[spec], reference, f"mesh {spec} vs data=8")
+    assert_same_losses(result["data=2,fsdp=2,tensor=2"], reference, "mesh data=2,fsdp=2,tensor=2 vs data=8")
 
 
 def test_resume_on_another_mesh_and_two_processes_equal_one(dataset, tmp_path):

@@ -1,7 +1,7 @@
 """Short tiny-config distillation runs in fresh processes, started by tests/test_train_sharded.py with
 fake CPU devices set in XLA_FLAGS (fixed when JAX starts). Each prints one JSON line "RESULT {...}".
 
-  python tests/train_worker.py meshes DATA OUT       8 devices: 3 updates on three mesh shapes
+  python tests/train_worker.py meshes DATA OUT       8 devices: 3 updates on two mesh shapes
   python tests/train_worker.py remesh DATA OUT       4 devices: save on (fsdp=4), resume on (data=2, fsdp=2)
   python tests/train_worker.py losses DATA OUT MESH  3 updates on MESH (e.g. "data=-1"), any process count;
                                                      a multi-process job is joined from S2FLASH_* variables
@@ -30,7 +30,7 @@ def losses(config, out, **kwargs) -> list[dict[str, float]]:
 def main(mode: str, data: str, out: str, *rest: str) -> None:
     if mode == "meshes":
         result = {spec: losses(tiny(data, *mesh_overrides(spec)), f"{out}/{spec}")
-                  for spec in ("data=8", "data=2,fsdp=4", "data=2,fsdp=2,tensor=2")}
+                  for spec in ("data=8", "data=2,fsdp=2,tensor=2")}
     elif mode == "remesh":
         fsdp4 = mesh_overrides("data=1,fsdp=4")
         uninterrupted = losses(tiny(data, *fsdp4), f"{out}/whole")
