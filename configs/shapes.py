@@ -7,6 +7,8 @@ Variants: `configs/shapes.py` distils the student (sCM + LADD) from `train.teach
 `configs/shapes.py:s2flash` distils an 8-step student adversarially (S2-Flash: conv heads on the teacher's
 blocks, R1, sCM on the step set); `configs/shapes.py:lcm` trains LoRA adapters on a copy of the teacher
 with latent consistency distillation (the LCM-LoRA baseline S2-Flash is compared with);
+`configs/shapes.py:sd35` trains a 4-step student by distribution matching against a fake score (SD3.5-Flash's
+core: timestep sharing, captions only);
 `configs/shapes.py:teacher` trains the teacher with flow matching (`:teacher,legacy`: in base
 SANA's conventions, no QK-norm and the time embedder fed 1000·s); `configs/shapes.py:prepare`
 turns such a teacher into a Sprint teacher (`s2flash prepare-teacher`); add `,quick` to any for the
@@ -44,6 +46,7 @@ from s2flash_jax.precision import Precision
 from s2flash_jax.recipes.flow_matching import FlowMatchingConfig
 from s2flash_jax.recipes.s2flash import S2FlashConfig
 from s2flash_jax.recipes.sana_sprint import SanaSprintConfig
+from s2flash_jax.recipes.sd35_flash import SD35FlashConfig
 from s2flash_jax.recipes.tbcm import TBCMConfig
 from s2flash_jax.train.health import HealthConfig
 
@@ -87,11 +90,11 @@ STEPS = {"full": (1200, 160), "quick": (100, 20)}
 
 def get_config(arg=None):
     tokens = [t for t in (arg or "").split(",") if t]
-    recipes = {"teacher", "tbcm", "twinflow", "s2flash", "lcm", "prepare"}
+    recipes = {"teacher", "tbcm", "twinflow", "s2flash", "lcm", "sd35", "prepare"}
     if set(tokens) - recipes - {"quick", "legacy"} or len(set(tokens) & recipes) > 1 or (
             "legacy" in tokens and "teacher" not in tokens):
         raise ValueError(f"variant {arg!r}: expected at most one of 'teacher' (optionally with 'legacy') / 'tbcm' / "
-                         "'twinflow' / 's2flash' / 'lcm' / 'prepare', and/or 'quick'")
+                         "'twinflow' / 's2flash' / 'lcm' / 'sd35' / 'prepare', and/or 'quick'")
     teacher_steps, student_steps = STEPS["quick" if "quick" in tokens else "full"]
     batch_size = 8 if "quick" in tokens else 32  # --quick only checks that every stage runs
     train = dict(batch_size=batch_size, optimizer="adamw", clip_norm=1.0, ema_decay=0.99, log_every=50,
@@ -167,6 +170,17 @@ def get_config(arg=None):
             train=TrainConfig(steps=student_steps, learning_rate=1e-3, warmup_steps=min(50, student_steps // 10),
                               trainable=(ADAPTER_PATTERN,), **train),
             lcm=LCMConfig(solver_steps=TEACHER_SAMPLING_STEPS, solver_shift=FLOW_SHIFT, scm=scm),
+            **common)
+    if "sd35" in tokens:
+        # 4 steps on the sampler's step set (flow_shift 6, as every student here). One fake-score update per
+        # student update, not DMD2's 5, and twice the global steps, so the student gets as many updates as
+        # the other recipes' (5 would cost three times as long again). Real score: the teacher at its own
+        # guidance scale 3, which the student is sampled with.
+        return Config(
+            model=STUDENT, teacher=TEACHER, recipe="sd35_flash",
+            train=TrainConfig(steps=2 * student_steps, learning_rate=1e-4, warmup_steps=min(50, student_steps // 10),
+                              **train),
+            sd35_flash=SD35FlashConfig(steps=4, guidance_scale=GUIDANCE_SCALE, fake_score_updates=1),
             **common)
     return Config(
         model=STUDENT, teacher=TEACHER,

@@ -128,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "(no teacher, no discriminator: the model's own twin branch), s2flash (adversarial: "
                            "conv heads on the teacher's blocks, R1; an 8-step student, rows at 1, 5 and 8 "
                            "steps), lcm-lora (the LCM-LoRA baseline: LoRA adapters on a copy of the teacher, "
-                           "latent consistency distillation; rows at 1, 5 and 8 steps); default sana-sprint")
+                           "latent consistency distillation; rows at 1, 5 and 8 steps), sd35-flash (SD3.5-Flash's "
+                           "distribution matching against a fake score, captions only; a 4-step row); default "
+                           "sana-sprint")
 
     precompute = commands.add_parser(
         "precompute", help="encode an image folder with captions into training shards (DC-AE + text encoder)",

@@ -10,18 +10,21 @@ Stages (each skipped when its output is complete, so an interrupted demo resumes
      prompts-only dataset; with --recipe twinflow, TwinFlow fine-tunes a copy of the teacher into a
      few-step model with no teacher and no discriminator; with --recipe s2flash, S2-Flash distils
      an 8-step student adversarially (conv heads on the teacher's blocks, R1, sCM on its step set);
-     with --recipe lcm-lora, LoRA adapters on a copy of the teacher learn latent consistency (LCM-LoRA)
+     with --recipe lcm-lora, LoRA adapters on a copy of the teacher learn latent consistency (LCM-LoRA);
+     with --recipe sd35-flash, a 4-step student learns by distribution matching against a fake score
+     (SD3.5-Flash's core, captions only)
   4. eval: the held-out prompts sampled by the teacher (20 guided Euler steps) and the student
      (1, 2, 4 steps, S2-Flash's and LCM-LoRA's 1, 5, 8; and 1 step before distillation), read back by the analytic
      checker, compared with real renders by a Fréchet distance, timed.
 
 OUT/
-  data/  text_encoder/  feature_net/            shared inputs (prompts/: captions only, for TBCM)
+  data/  text_encoder/  feature_net/            shared inputs (prompts/: captions only, for TBCM and SD3.5-Flash)
   teacher/ (run) teacher/model/ (checkpoint)     student/ (run) student/model/ (checkpoint)
   student-tbcm/ (run, model/)                    with --recipe tbcm
   student-twinflow/ (run, model/)                with --recipe twinflow
   student-s2flash/ (run, model/)                 with --recipe s2flash
   student-lcm-lora/ (run, model/)                with --recipe lcm-lora
+  student-sd35-flash/ (run, model/)              with --recipe sd35-flash
   grid.png  metrics.json  metrics.md  tensorboard/ (eval scalars; each run has its own logs)
 """
 
@@ -62,19 +65,21 @@ IMAGE_SIZE = 32
 @dataclasses.dataclass(frozen=True)
 class DemoRecipe:
     """variant: of configs/shapes.py; run: its run directory; label: of its rows; steps: the step counts
-    its student is sampled at, one row each."""
+    its student is sampled at, one row each; prompts_only: its recipe needs no images."""
 
     variant: str
     run: str
     label: str
     steps: tuple[int, ...] = STUDENT_STEPS
+    prompts_only: bool = False  # trains on captions alone: reads prompts/, not data/
 
 
 RECIPES = {"sana-sprint": DemoRecipe("", "student", "student"),
-           "tbcm": DemoRecipe("tbcm", "student-tbcm", "TBCM student"),
+           "tbcm": DemoRecipe("tbcm", "student-tbcm", "TBCM student", prompts_only=True),
            "twinflow": DemoRecipe("twinflow", "student-twinflow", "TwinFlow student"),
            "s2flash": DemoRecipe("s2flash", "student-s2flash", "S2-Flash student", (1, 5, 8)),
-           "lcm-lora": DemoRecipe("lcm", "student-lcm-lora", "LCM-LoRA student", (1, 5, 8))}
+           "lcm-lora": DemoRecipe("lcm", "student-lcm-lora", "LCM-LoRA student", (1, 5, 8)),
+           "sd35-flash": DemoRecipe("sd35", "student-sd35-flash", "SD3.5-Flash student", (4,), prompts_only=True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +122,7 @@ def run_shapes_demo(out: Path, *, quick: bool = False, force: bool = False,
     autoencoder = _write_dataset(out / "data", text_encoder, size.records,
                                  factor=IMAGE_SIZE // teacher_config.model.sample_size)
     feature_net = _feature_net(out / "feature_net", size.feature_net_steps)
-    if "tbcm" in recipes:
+    if any(RECIPES[r].prompts_only for r in recipes):
         _write_dataset(out / "prompts", text_encoder, size.records, factor=IMAGE_SIZE // teacher_config.model.sample_size,
                        latents=False)
     clock["data_s"] = time.perf_counter() - start
@@ -134,7 +139,7 @@ def run_shapes_demo(out: Path, *, quick: bool = False, force: bool = False,
         start = time.perf_counter()
         student_config = load_config(
             f"{CONFIG}:{','.join(t for t in (entry.variant, variant.lstrip(',')) if t)}",
-            [f"data.path={out / ('prompts' if recipe == 'tbcm' else 'data')}", f"train.teacher_checkpoint={teacher_ckpt}"])
+            [f"data.path={out / ('prompts' if entry.prompts_only else 'data')}", f"train.teacher_checkpoint={teacher_ckpt}"])
         configs[label] = student_config
         students[label] = train_and_export(run_name, student_config, out / run_name,
                                            **component_writer(out / "text_encoder", autoencoder, student_config))

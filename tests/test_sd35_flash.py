@@ -176,3 +176,14 @@ def test_train_command_runs_sd35_flash_on_captions_and_resumes_bit_for_bit(tmp_p
     for name in ("student", "fake_score"):
         assert not same(final.params[name], initial.distill.params[name]), name
     assert_states_equal(final.frozen, initial.distill.frozen)
+
+
+def test_the_demo_samples_the_shapes_student_at_its_own_step_count_from_captions_alone():
+    from s2flash_jax.config import load_config
+    from s2flash_jax.demo import RECIPES
+    from tests.conftest import REPO
+
+    entry = RECIPES["sd35-flash"]
+    config = load_config(f"{REPO}/configs/shapes.py:{entry.variant}")
+    assert config.recipe == "sd35_flash" and entry.steps == (config.sd35_flash.steps,) and entry.prompts_only
+    assert config.sample.guidance_scale == config.sd35_flash.guidance_scale  # sampled as it was trained

@@ -50,14 +50,14 @@ def dataset(tmp_path_factory):
 
 
 def test_losses_equal_across_mesh_shapes(dataset, tmp_path):
-    """Pure data parallelism against all three axes at once (the fsdp-only layout is covered by the
-    resume test below)."""
+    """Pure data parallelism against all three axes at once (fsdp alone: the resume test below, slow)."""
     result = run_worker(["meshes", dataset, tmp_path], devices=8)
     reference = result["data=8"]
     assert all(np.isfinite(v) for step in reference for v in step.values())
     assert_same_losses(result["data=2,fsdp=2,tensor=2"], reference, "mesh data=2,fsdp=2,tensor=2 vs data=8")
 
 
+@pytest.mark.slow  # ~3 min; CI keeps the mesh-equality test above and test_distributed's two processes
 def test_resume_on_another_mesh_and_two_processes_equal_one(dataset, tmp_path):
     """One process with 4 devices: save on (fsdp=4), resume on (data=2, fsdp=2). Then 2 processes x 2
     devices (data=4), against the same uninterrupted 4-device run (meshes agree, as tested above)."""
