@@ -26,7 +26,7 @@ from conversion.sources import (DIFFUSERS, SANA, TensorSource, check_format, che
                                 open_original)
 from s2flash_jax.model_checkpoint import save_model
 from s2flash_jax.models.sana import SanaConfig
-from s2flash_jax.outputs import OutputExists
+from s2flash_jax.outputs import refuse_existing_output
 
 NULL_CAPTION_FILE = "null_caption.npy"
 
@@ -134,11 +134,6 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def _refuse_existing(out: Path, force: bool) -> None:
-    # Checked before the (long) read; save_model checks again when it writes.
-    if out.exists() and (out.is_file() or any(out.iterdir())) and not force:
-        raise OutputExists(f"output {str(out)!r} already exists and is not empty; pass --force to replace it")
-
 
 @dataclasses.dataclass
 class PreparedSource:
@@ -203,7 +198,7 @@ def import_checkpoint(src: str | Path, source_format: str, out: str | Path, *, c
     s2flash model checkpoint at `out`; see prepare_source for `config`."""
     out = Path(out)
     prepared = prepare_source(src, source_format, config)
-    _refuse_existing(out, force)
+    refuse_existing_output(out, force=force)  # before the (long) read; save_model checks again
     flat = read_source_params(prepared.tensors, prepared.plan, prepared.config)
     metadata = {"converted_from": {"format": source_format, "path": os.path.abspath(src),
                                    "config": prepared.config_origin}}

@@ -17,6 +17,14 @@ class OutputExists(FileExistsError):
     pass
 
 
+def refuse_existing_output(path: str | Path, *, force: bool) -> None:
+    """OutputExists if `path` is a file or a non-empty directory and not force. Commands call it before
+    long work too, so a refusal comes first, not after minutes of reading or quantizing."""
+    path = Path(path)
+    if path.exists() and (path.is_file() or any(path.iterdir())) and not force:
+        raise OutputExists(f"output {str(path)!r} already exists and is not empty; pass --force to replace it")
+
+
 @contextlib.contextmanager
 def fresh_output_dir(path: str | Path, *, force: bool) -> Iterator[Path]:
     """Yield a temporary directory that replaces `path` only if the block finishes without error.
@@ -24,9 +32,7 @@ def fresh_output_dir(path: str | Path, *, force: bool) -> Iterator[Path]:
     An existing non-empty `path` is an error unless force=True.
     """
     path = Path(path)
-    if path.exists() and (path.is_file() or any(path.iterdir())):
-        if not force:
-            raise OutputExists(f"output {str(path)!r} already exists and is not empty; pass --force to replace it")
+    refuse_existing_output(path, force=force)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     try:

@@ -77,7 +77,7 @@ from s2flash_jax.model_checkpoint import (
     CheckpointError, load_params, read_metadata, read_model_config, read_stored_params, save_model, stored_params)
 from s2flash_jax.models.lora import merge_lora
 from s2flash_jax.models.sana import SanaConfig, SanaTransformer
-from s2flash_jax.outputs import OutputExists
+from s2flash_jax.outputs import OutputExists, refuse_existing_output
 from s2flash_jax.precision import FP32, Precision
 from s2flash_jax.sampling import few_step_sample
 
@@ -337,8 +337,7 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, *, bits: int, keep: S
     meta = read_metadata(ckpt)
     if out.exists() and out.resolve() == ckpt.resolve():
         raise OutputExists(f"--out {str(out)!r} is the checkpoint being quantized; write elsewhere")
-    if out.exists() and (out.is_file() or any(out.iterdir())) and not force:  # before minutes of work
-        raise OutputExists(f"output {str(out)!r} already exists and is not empty; pass --force to replace it")
+    refuse_existing_output(out, force=force)  # before minutes of work; save_model checks again
     model = load_float_model(ckpt)
     quantization = plan(model.config, bits, DEFAULT_KEEP if keep is None else tuple(keep))
     params = stored_form(quantize_transformer(model, quantization), quantization)
