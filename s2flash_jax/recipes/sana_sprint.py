@@ -185,10 +185,7 @@ def sana_sprint(student: SanaTransformer, teacher: SanaTransformer, discriminato
     length. null_caption_mask: [L], or None to use each prompt's own mask as NVlabs does.
     optimizers default to `reference_optimizer()` for both networks.
     """
-    _check_networks(student, teacher, discriminator, config)
-    if null_caption.ndim != 2 or null_caption.shape[1] != teacher.config.caption_channels:
-        raise ValueError(f"null_caption has shape {null_caption.shape}; expected [L, "
-                         f"{teacher.config.caption_channels}] (caption length, caption_channels)")
+    _check_networks(student, teacher, discriminator, null_caption, config)
     s_graph, s_params = nnx.split(student)
     t_graph, t_params = nnx.split(teacher)
     d_graph, d_params, d_stats = nnx.split(discriminator, nnx.Param, nnx.BatchStat)
@@ -235,8 +232,8 @@ def check_student_and_teacher(student: SanaTransformer, teacher: SanaTransformer
     return problems
 
 
-def _check_networks(student, teacher, discriminator, config: SanaSprintConfig):
-    problems = check_student_and_teacher(student, teacher, config.scm)
+def _check_networks(student, teacher, discriminator, null_caption, config: SanaSprintConfig):
+    problems = check_student_and_teacher(student, teacher, config.scm, null_caption)
     ids = list(config.ladd.block_ids)
     if max(ids) >= teacher.config.num_layers or min(ids) < 0:
         problems.append(f"ladd.block_ids {ids} must name teacher blocks in [0, {teacher.config.num_layers})")
