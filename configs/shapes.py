@@ -7,8 +7,8 @@ Variants: `configs/shapes.py` distils the student (sCM + LADD) from `train.teach
 `configs/shapes.py:s2flash` distils an 8-step student adversarially (S2-Flash: conv heads on the teacher's
 blocks, R1, sCM on the step set); `configs/shapes.py:lcm` trains LoRA adapters on a copy of the teacher
 with latent consistency distillation (the LCM-LoRA baseline S2-Flash is compared with);
-`configs/shapes.py:sd35` trains a 4-step student by distribution matching against a fake score (SD3.5-Flash's
-core: timestep sharing, captions only);
+`configs/shapes.py:sd35` trains a 4-step student by distribution matching against a fake score with timestep
+sharing, then adds an adversary on its intermediate states (SD3.5-Flash's two stages);
 `configs/shapes.py:teacher` trains the teacher with flow matching (`:teacher,legacy`: in base
 SANA's conventions, no QK-norm and the time embedder fed 1000·s); `configs/shapes.py:prepare`
 turns such a teacher into a Sprint teacher (`s2flash prepare-teacher`); add `,quick` to any for the
@@ -173,14 +173,19 @@ def get_config(arg=None):
             **common)
     if "sd35" in tokens:
         # 4 steps on the sampler's step set (flow_shift 6, as every student here). One fake-score update per
-        # student update, not DMD2's 5, and twice the global steps, so the student gets as many updates as
-        # the other recipes' (5 would cost three times as long again). Real score: the teacher at its own
-        # guidance scale 3, which the student is sampled with.
+        # student update, not DMD2's 5 (5 would cost three times as long again). Real score: the teacher at
+        # its own guidance scale 3, which the student is sampled with. Stage 1 (distribution matching) for
+        # the first half of the student's updates, stage 2 adds the intermediate-state adversary (conv heads
+        # on both teacher blocks, refreshed every 20 of its updates): 2·N + N/2 global steps give the student
+        # N updates, as the other recipes'. Adversarial weight 0.5: at the first update its gradient on the
+        # student is 0.38x the DM term's at weight 1 (untrained heads, measured on the demo's teacher).
         return Config(
             model=STUDENT, teacher=TEACHER, recipe="sd35_flash",
-            train=TrainConfig(steps=2 * student_steps, learning_rate=1e-4, warmup_steps=min(50, student_steps // 10),
-                              **train),
-            sd35_flash=SD35FlashConfig(steps=4, guidance_scale=GUIDANCE_SCALE, fake_score_updates=1),
+            train=TrainConfig(steps=2 * student_steps + student_steps // 2, learning_rate=1e-4,
+                              warmup_steps=min(50, student_steps // 10), **train),
+            sd35_flash=SD35FlashConfig(steps=4, guidance_scale=GUIDANCE_SCALE, fake_score_updates=1,
+                                       adversarial_weight=0.5, adversarial_from=student_steps, block_ids=(0, 1),
+                                       discriminator_refresh_every=20),
             **common)
     return Config(
         model=STUDENT, teacher=TEACHER,

@@ -68,5 +68,5 @@ def get_config(arg=None):
         # Lazy R1 every other discriminator update, so a few-step smoke run applies it and skips it.
         s2flash=S2FlashConfig(steps=4, block_ids=(0, 1), r1_every=2, scm=SCMConfig(tangent_warmup_steps=20)),
         lcm=LCMConfig(solver_steps=8),
-        sd35_flash=SD35FlashConfig(steps=2, fake_score_updates=1),
+        sd35_flash=SD35FlashConfig(steps=2, fake_score_updates=1, block_ids=(0, 1)),
     )

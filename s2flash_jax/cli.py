@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out from its newest checkpoint that restores (step 0 if none)")
     train.add_argument("--force", action="store_true", help="delete an existing run directory and start over")
+    train.add_argument("--fork", default=None, metavar="RUN_DIR",
+                       help="start a new run from RUN_DIR's newest checkpoint (every network and optimizer state), "
+                            "keeping its step: train.steps stays the global total and must be above it; the config "
+                            "may differ only in resumable keys, sd35_flash.step_range and seed. For the branches of "
+                            "split-timestep fine-tuning, see docs/sd35_flash.md")
     train.add_argument("--stop-after", type=int, default=None, metavar="N",
                        help="end this invocation after N updates with a checkpoint (a preemption drill)")
     train.add_argument("--export", default=None, metavar="CKPT",
@@ -150,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(evaluate)
     _add_convert_parser(commands)
     _add_quantize_parser(commands)
+    _add_merge_parser(commands)
     return parser
 
 
@@ -179,6 +185,31 @@ def _run_quantize(args: argparse.Namespace) -> int:
     q = result.quantization
     print(f"quantized {len(q.layers)} linear layers of {args.ckpt} to int{q.bits} (kept: "
           f"{', '.join(q.keep) or 'none'}); parameters {result.bytes_before:,} -> {result.bytes_after:,} bytes; "
+          f"wrote {args.out}")
+    return 0
+
+
+def _add_merge_parser(commands) -> None:
+    merge = commands.add_parser(
+        "merge", help="interpolate the weights of model checkpoints of one architecture into one",
+        description="Write a model checkpoint whose every parameter is the weighted sum of the checkpoints' "
+                    "(float32 sum, stored in their dtype): how the branches of split-timestep fine-tuning "
+                    "(`s2flash train --fork`) are merged back into one model. The checkpoints must be float (not "
+                    "quantized) and of one architecture; the output carries the first one's components. See "
+                    "docs/sd35_flash.md.")
+    merge.add_argument("ckpts", nargs="+", metavar="CKPT", help="model checkpoint directories to merge")
+    merge.add_argument("--weights", nargs="+", type=float, default=None, metavar="W",
+                       help="one non-negative weight per checkpoint, summing to 1 (default: equal weights)")
+    merge.add_argument("--out", required=True, metavar="CKPT", help="merged model checkpoint directory to write")
+    merge.add_argument("--force", action="store_true", help="replace an existing output")
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from s2flash_jax.merge import merge_checkpoints
+
+    result = merge_checkpoints(args.ckpts, args.out, weights=args.weights, force=args.force)
+    sources = ", ".join(f"{path} x {weight:.6g}" for path, weight in zip(result.sources, result.weights))
+    print(f"merged {len(result.sources)} checkpoints ({sources}), {result.parameters:,} parameters each; "
           f"wrote {args.out}")
     return 0
 
@@ -336,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_eval(args)
         if args.command == "quantize":
             return _run_quantize(args)
+        if args.command == "merge":
+            return _run_merge(args)
         if args.command == "demo":
             from s2flash_jax.demo import run_shapes_demo
 
@@ -382,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "from one process afterwards")
             if args.export and Path(args.export).exists() and not args.force:
                 raise OutputExists(f"--export {args.export!r} already exists; pass --force to replace it")
-            result = train(config, args.out, resume=args.resume, force=args.force, stop_after=args.stop_after)
+            result = train(config, args.out, resume=args.resume, force=args.force, stop_after=args.stop_after,
+                           fork_from=args.fork)
             if args.export and result.step == config.train.steps:
                 print(f"exported the {result.product} to {result.export(config, args.export, force=args.force)}")
         elif args.command == "prepare-teacher":

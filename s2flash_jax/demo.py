@@ -11,14 +11,14 @@ Stages (each skipped when its output is complete, so an interrupted demo resumes
      few-step model with no teacher and no discriminator; with --recipe s2flash, S2-Flash distils
      an 8-step student adversarially (conv heads on the teacher's blocks, R1, sCM on its step set);
      with --recipe lcm-lora, LoRA adapters on a copy of the teacher learn latent consistency (LCM-LoRA);
-     with --recipe sd35-flash, a 4-step student learns by distribution matching against a fake score
-     (SD3.5-Flash's core, captions only)
+     with --recipe sd35-flash, a 4-step student learns by distribution matching against a fake score,
+     then also against an adversary on its intermediate states (SD3.5-Flash's two stages)
   4. eval: the held-out prompts sampled by the teacher (20 guided Euler steps) and the student
      (1, 2, 4 steps, S2-Flash's and LCM-LoRA's 1, 5, 8; and 1 step before distillation), read back by the analytic
      checker, compared with real renders by a Fréchet distance, timed.
 
 OUT/
-  data/  text_encoder/  feature_net/            shared inputs (prompts/: captions only, for TBCM and SD3.5-Flash)
+  data/  text_encoder/  feature_net/            shared inputs (prompts/: captions only, for TBCM)
   teacher/ (run) teacher/model/ (checkpoint)     student/ (run) student/model/ (checkpoint)
   student-tbcm/ (run, model/)                    with --recipe tbcm
   student-twinflow/ (run, model/)                with --recipe twinflow
@@ -79,7 +79,8 @@ RECIPES = {"sana-sprint": DemoRecipe("", "student", "student"),
            "twinflow": DemoRecipe("twinflow", "student-twinflow", "TwinFlow student"),
            "s2flash": DemoRecipe("s2flash", "student-s2flash", "S2-Flash student", (1, 5, 8)),
            "lcm-lora": DemoRecipe("lcm", "student-lcm-lora", "LCM-LoRA student", (1, 5, 8)),
-           "sd35-flash": DemoRecipe("sd35", "student-sd35-flash", "SD3.5-Flash student", (4,), prompts_only=True)}
+           # images: its stage-2 adversary judges the student's intermediate states against real ones
+           "sd35-flash": DemoRecipe("sd35", "student-sd35-flash", "SD3.5-Flash student", (4,))}
 
 
 @dataclasses.dataclass(frozen=True)

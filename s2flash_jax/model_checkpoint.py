@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,24 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r}; "
                               f"expected {FORMAT!r} version {VERSION}")
     return meta
+
+
+def extra_metadata(path: str | Path) -> dict[str, Any]:
+    """model.json's fields beyond the format and the model config (components, sampling, ...): what a
+    checkpoint derived from this one carries over."""
+    return {k: v for k, v in read_metadata(path).items() if k not in ("format", "version", "model")}
+
+
+def copy_components(path: str | Path) -> Callable[[Path], None]:
+    """A save_model write_components that copies the checkpoint's components (everything beside
+    model.json and params/, e.g. text_encoder/) into the new checkpoint."""
+    components = [p for p in Path(path).iterdir() if p.name not in ("model.json", "params")]
+
+    def write(staging: Path) -> None:
+        for item in components:
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
+
+    return write
 
 
 def read_model_config(path: str | Path) -> SanaConfig:

@@ -58,7 +58,6 @@ import dataclasses
 import fnmatch
 import functools
 import re
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,7 +73,8 @@ from qwix._src.providers.ptq import WithAux
 from qwix._src.utils.flax_util import update_boxed
 
 from s2flash_jax.model_checkpoint import (
-    CheckpointError, load_params, read_metadata, read_model_config, read_stored_params, save_model, stored_params)
+    CheckpointError, copy_components, extra_metadata, load_params, read_metadata, read_model_config,
+    read_stored_params, save_model, stored_params)
 from s2flash_jax.models.lora import merge_lora
 from s2flash_jax.models.sana import SanaConfig, SanaTransformer
 from s2flash_jax.outputs import OutputExists, refuse_existing_output
@@ -334,21 +334,14 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, *, bits: int, keep: S
     docstring for the format), its components copied. keep None: DEFAULT_KEEP. `out` appears only
     when complete; an existing one is refused unless force."""
     ckpt, out = Path(ckpt), Path(out)
-    meta = read_metadata(ckpt)
+    extra = extra_metadata(ckpt)
     if out.exists() and out.resolve() == ckpt.resolve():
         raise OutputExists(f"--out {str(out)!r} is the checkpoint being quantized; write elsewhere")
     refuse_existing_output(out, force=force)  # before minutes of work; save_model checks again
     model = load_float_model(ckpt)
     quantization = plan(model.config, bits, DEFAULT_KEEP if keep is None else tuple(keep))
     params = stored_form(quantize_transformer(model, quantization), quantization)
-    components = [p for p in ckpt.iterdir() if p.name not in ("model.json", "params")]
-
-    def copy_components(staging: Path) -> None:
-        for item in components:
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
-
-    extra = {k: v for k, v in meta.items() if k not in ("format", "version", "model")}
-    save_model(out, model.config, params, force=force, write_components=copy_components,
+    save_model(out, model.config, params, force=force, write_components=copy_components(ckpt),
                metadata={**extra, KEY: {**quantization.to_json(), "source": str(ckpt)}})
     return QuantizeResult(quantization, param_bytes(nnx.state(model, nnx.Param)), param_bytes(params))
 

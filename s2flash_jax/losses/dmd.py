@@ -151,35 +151,42 @@ def dm_time_for_steps(schedule: Sequence[float]) -> np.ndarray:
     return times[np.minimum(np.arange(steps) + 1, steps - 1)]
 
 
-def student_steps(key: jax.Array, schedule: Sequence[float], batch: int) -> jax.Array:
-    """k [B] int32: per example, the student step (0 … N−1, uniformly) whose x̂0 is trained."""
-    return jax.random.randint(key, (batch,), 0, len(schedule) - 1)
+def student_steps(key: jax.Array, schedule: Sequence[float], batch: int,
+                  steps: Sequence[int] | None = None) -> jax.Array:
+    """k [B] int32: per example, the student step whose x̂0 is trained, uniformly among `steps`
+    (default all, 0 … N−1; a split-timestep branch trains a range of them)."""
+    if steps is None:
+        return jax.random.randint(key, (batch,), 0, len(schedule) - 1)
+    return jnp.asarray(steps, jnp.int32)[jax.random.randint(key, (batch,), 0, len(steps))]
 
 
-def shared_times(key: jax.Array, schedule: Sequence[float], batch: int) -> tuple[jax.Array, jax.Array]:
-    """Timestep sharing (SD3.5-Flash): (k [B] int32, t [B] float32) with k ~ U{0, …, N−1} the student
-    step and t = dm_time_for_steps(schedule)[k] its trajectory time."""
-    k = student_steps(key, schedule, batch)
+def shared_times(key: jax.Array, schedule: Sequence[float], batch: int,
+                 steps: Sequence[int] | None = None) -> tuple[jax.Array, jax.Array]:
+    """Timestep sharing (SD3.5-Flash): (k [B] int32, t [B] float32) with k the student step
+    (student_steps) and t = dm_time_for_steps(schedule)[k] its trajectory time."""
+    k = student_steps(key, schedule, batch, steps)
     return k, jnp.asarray(dm_time_for_steps(schedule))[k]
 
 
 def random_times(key: jax.Array, schedule: Sequence[float], batch: int,
-                 flow_time_range: tuple[float, float] = DM_FLOW_TIME_RANGE) -> tuple[jax.Array, jax.Array]:
-    """DMD2's alternative: (k [B] int32, t [B] float32) with k ~ U{0, …, N−1} the student step as in
-    shared_times, but t independent of it: flow time s ~ U[flow_time_range], as TrigFlow time."""
+                 flow_time_range: tuple[float, float] = DM_FLOW_TIME_RANGE,
+                 steps: Sequence[int] | None = None) -> tuple[jax.Array, jax.Array]:
+    """DMD2's alternative: (k [B] int32, t [B] float32) with k the student step as in shared_times,
+    but t independent of it: flow time s ~ U[flow_time_range], as TrigFlow time."""
     k_key, s_key = jax.random.split(key)
     low, high = flow_time_range
     s = jax.random.uniform(s_key, (batch,), jnp.float32, low, high)
     # x_s = (1 − s)·x0 + s·ε has the SNR of TrigFlow time arctan(s / (1 − s)).
-    return student_steps(k_key, schedule, batch), trigflow_time_of_levels(1.0 - s, s)
+    return student_steps(k_key, schedule, batch, steps), trigflow_time_of_levels(1.0 - s, s)
 
 
 def sample_times(key: jax.Array, schedule: Sequence[float], batch: int, mode: str,
-                 flow_time_range: tuple[float, float] = DM_FLOW_TIME_RANGE) -> tuple[jax.Array, jax.Array]:
+                 flow_time_range: tuple[float, float] = DM_FLOW_TIME_RANGE,
+                 steps: Sequence[int] | None = None) -> tuple[jax.Array, jax.Array]:
     """(k, t), both [B]: shared_times for mode "shared", random_times (within flow_time_range) for
-    "random"."""
+    "random"; k among `steps` (default all)."""
     if mode == "shared":
-        return shared_times(key, schedule, batch)
+        return shared_times(key, schedule, batch, steps)
     if mode == "random":
-        return random_times(key, schedule, batch, flow_time_range)
+        return random_times(key, schedule, batch, flow_time_range, steps)
     raise ValueError(f"time mode {mode!r}; expected one of {TIME_MODES}")

@@ -9,6 +9,7 @@ Nothing here knows about sharding, data or a particular model.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -41,17 +42,54 @@ class DistillState:
 PhaseLoss = Callable[[Any, DistillState, Any, jax.Array], tuple[jax.Array, tuple[Metrics, dict[str, Any]]]]
 
 
+# (state, key) -> (due [] bool, fresh params): whether the phase's network restarts before this update,
+# and the parameters it restarts from (see Phase.restart).
+RestartFn = Callable[[DistillState, jax.Array], tuple[jax.Array, Any]]
+
+
 @dataclasses.dataclass(frozen=True)
 class Phase:
+    """name; trains: the network it updates; loss; restart: optional. When it says an update is due,
+    the network is replaced by the fresh parameters and its optimizer state re-initialised before
+    the gradient is taken (SD3.5-Flash's periodically refreshed discriminator)."""
+
     name: str
     trains: str
     loss: PhaseLoss
+    restart: RestartFn | None = None
+
+
+def stage_at(step, cycle: Sequence[str], stages: Sequence[tuple[int, Sequence[str]]]) -> tuple[int, Sequence[str]]:
+    """(first step, cycle) of the stage holding global `step`: `cycle` from step 0, then each of
+    `stages` (first step, cycle) from its first step on."""
+    start = 0
+    for first, later in stages:
+        if step >= first:
+            start, cycle = first, later
+    return start, cycle
+
+
+def phase_name_at(step: int, cycle: Sequence[str], stages: Sequence[tuple[int, Sequence[str]]] = ()) -> str:
+    """The phase a staged schedule runs at global `step`; each stage's cycle restarts at its first step."""
+    start, cycle = stage_at(step, cycle, stages)
+    return cycle[(step - start) % len(cycle)]
+
+
+def phase_count(steps: int, cycle: Sequence[str], phase: str,
+                stages: Sequence[tuple[int, Sequence[str]]] = ()) -> int:
+    """How many of global steps 0 … steps − 1 run `phase` (each stage rounded up, as an optimizer
+    schedule's length)."""
+    bounds = [0, *[min(first, steps) for first, _ in stages], steps]
+    cycles = [cycle, *[later for _, later in stages]]
+    return sum(math.ceil((end - begin) * list(c).count(phase) / len(c))
+               for begin, end, c in zip(bounds, bounds[1:], cycles))
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """name; trains / frozen: network names; phases: by name; cycle: phase names repeated forever
-    (("generator", "discriminator") alternates one update each); optimizers: one per trained network;
+    (("generator", "discriminator") alternates one update each); stages: later cycles, each
+    (first global step, cycle), replacing the one before from that step on; optimizers: one per trained network;
     product: the trained network the run is for (the one the config's `model` describes, kept as
     EMA, sampled and exported); None means the first trained network. needs_latents: False for a
     recipe whose batches are captions only (TBCM's image-free training)."""
@@ -64,14 +102,19 @@ class Recipe:
     optimizers: Mapping[str, optax.GradientTransformation]
     product: str | None = None
     needs_latents: bool = True
+    stages: Sequence[tuple[int, Sequence[str]]] = ()
 
     def __post_init__(self):
         if self.product is None and self.trains:
             object.__setattr__(self, "product", self.trains[0])
-        unknown = [p for p in self.cycle if p not in self.phases]
-        if not self.cycle or unknown:
-            raise ValueError(f"recipe {self.name}: cycle {list(self.cycle)} must be non-empty and name only "
-                             f"phases in {sorted(self.phases)}")
+        for cycle in (self.cycle, *[later for _, later in self.stages]):
+            unknown = [p for p in cycle if p not in self.phases]
+            if not cycle or unknown:
+                raise ValueError(f"recipe {self.name}: cycle {list(cycle)} must be non-empty and name only "
+                                 f"phases in {sorted(self.phases)}")
+        firsts = [first for first, _ in self.stages]
+        if any(f <= 0 for f in firsts) or firsts != sorted(set(firsts)):
+            raise ValueError(f"recipe {self.name}: stages must begin at increasing global steps > 0, got {firsts}")
         for phase in self.phases.values():
             if phase.trains not in self.trains:
                 raise ValueError(f"recipe {self.name}: phase {phase.name} trains {phase.trains!r}, "
@@ -84,7 +127,7 @@ class Recipe:
                              f"{sorted(self.trains)}")
 
     def phase_at(self, step: int) -> Phase:
-        return self.phases[self.cycle[step % len(self.cycle)]]
+        return self.phases[phase_name_at(step, self.cycle, self.stages)]
 
     def init_state(self, params: dict[str, Any], frozen: dict[str, Any],
                    stats: dict[str, Any] | None = None) -> DistillState:
@@ -103,6 +146,9 @@ class Recipe:
         """
         phase = self.phases[phase_name]
         name = phase.trains
+        if phase.restart is not None:
+            restart_key, key = jax.random.split(key)
+            state = self._restarted(phase, state, restart_key)
         grad_fn = jax.value_and_grad(phase.loss, has_aux=True)
         (loss, (metrics, stats)), grads = grad_fn(state.params[name], state, batch, key)
         updates, opt_state = self.optimizers[name].update(grads, state.opt_state[name], state.params[name])
@@ -112,6 +158,20 @@ class Recipe:
             opt_state={**state.opt_state, name: opt_state},
             stats={**state.stats, **stats})
         return state, {**metrics, f"{phase_name}/loss": loss, f"{phase_name}/grad_norm": optax.tree.norm(grads)}
+
+
+    def _restarted(self, phase: Phase, state: DistillState, key: jax.Array) -> DistillState:
+        """state with phase.trains replaced by phase.restart's fresh parameters and a fresh optimizer
+        state where the restart is due; unchanged otherwise."""
+        name = phase.trains
+        due, fresh = phase.restart(state, key)
+        fresh_opt = self.optimizers[name].init(fresh)
+
+        def pick(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(due, a, b), new, old)
+
+        return state.replace(params={**state.params, name: pick(fresh, state.params[name])},
+                             opt_state={**state.opt_state, name: pick(fresh_opt, state.opt_state[name])})
 
 
 def distill_step(recipe: Recipe, state: DistillState, batch: Any, key: jax.Array,

@@ -57,7 +57,7 @@ from s2flash_jax.losses.adversarial import GAN_LOSSES
 from s2flash_jax.losses.r1 import r1_penalty
 from s2flash_jax.losses.scm import SCMConfig, consistency_loss, sample_guidance_scales
 from s2flash_jax.models.discriminator import ConvDiscriminatorHeads
-from s2flash_jax.models.sana import SanaTransformer
+from s2flash_jax.models.sana import SanaConfig, SanaTransformer
 from s2flash_jax.recipes.base import DistillState, Phase, Recipe
 from s2flash_jax.recipes.flow_matching import null_caption_batch
 from s2flash_jax.recipes.sana_sprint import (
@@ -139,12 +139,20 @@ def phase_updates_before(step: jax.Array, cycle: Sequence[str], phase: str) -> j
     return (step // len(cycle)) * list(cycle).count(phase) + jnp.asarray(in_prefix)[step % len(cycle)]
 
 
-def conv_discriminator_for(teacher: SanaTransformer, config: S2FlashConfig, *, rngs: nnx.Rngs
-                           ) -> ConvDiscriminatorHeads:
-    """One conv head per block in config.block_ids, as wide as the teacher, on its token grid."""
-    tc = teacher.config
-    side = tc.sample_size // tc.patch_size
-    return ConvDiscriminatorHeads(tc.inner_dim, len(config.block_ids), (side, side), rngs=rngs)
+def conv_discriminator_for(teacher: SanaConfig, config: S2FlashConfig, *, rngs: nnx.Rngs) -> ConvDiscriminatorHeads:
+    """One conv head per block in config.block_ids, as wide as the teacher (its config), on its token
+    grid (any recipe config with block_ids: SD3.5-Flash's too)."""
+    side = teacher.sample_size // teacher.patch_size
+    return ConvDiscriminatorHeads(teacher.inner_dim, len(config.block_ids), (side, side), rngs=rngs)
+
+
+def teacher_block_features(sprint: SprintNetworks, state: DistillState, x_hat: jax.Array, t: jax.Array,
+                           caption: jax.Array, caption_mask: jax.Array, block_ids: Sequence[int]) -> list[jax.Array]:
+    """The frozen teacher's token features [B, N, D] of (x̂ [B, ...], t [B]) after each of block_ids,
+    with captions [B, L, D] / masks [B, L]. Its parameters get no gradient; its input does (the
+    generator's path to the student)."""
+    x_flow, s = flow_input(x_hat, t)
+    return sprint.frozen_teacher(state).block_features(x_flow, s, caption, caption_mask, block_ids=block_ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,11 +205,7 @@ class S2FlashNetworks:
 
     def block_features(self, state: DistillState, x_hat: jax.Array, t: jax.Array, caption: jax.Array,
                        caption_mask: jax.Array) -> list[jax.Array]:
-        """The frozen teacher's token features [B, N, D] of (x̂, t) after each of config.block_ids.
-        Its parameters get no gradient; its input does (the generator's path to the student)."""
-        x_flow, s = flow_input(x_hat, t)
-        return self.sprint.frozen_teacher(state).block_features(x_flow, s, caption, caption_mask,
-                                                                block_ids=self.config.block_ids)
+        return teacher_block_features(self.sprint, state, x_hat, t, caption, caption_mask, self.config.block_ids)
 
     def heads(self, params) -> Callable[[Sequence[jax.Array]], jax.Array]:
         """features (one [B, N, D] per block) -> logits [B] of the heads with these parameters."""

@@ -28,6 +28,10 @@ class Restored:
     meta: dict
 
 
+class NoCheckpointRestores(RuntimeError):
+    """Every checkpoint of a run failed to restore (each failure was reported)."""
+
+
 class ProcessCountMismatch(ValueError):
     """A run resumed with another number of processes than wrote its checkpoints."""
 
@@ -51,25 +55,27 @@ class RunCheckpoints:
             data=grain.checkpoint.CheckpointSave(data_iterator),
             meta=ocp.args.JsonSave({**meta, "process_count": jax.process_count()})), force=True)
 
-    def restore_newest(self, target: Any, data_iterator: Any) -> Restored | None:
+    def restore_newest(self, target: Any, data_iterator: Any | None) -> Restored | None:
         """The newest checkpoint that restores, onto `target` (see sharded_shapes); the data iterator
-        is moved to the saved position. None if there is no checkpoint; an error if none restores."""
+        is moved to the saved position. None if there is no checkpoint; an error if none restores.
+
+        data_iterator None: the state and metadata alone, the saved data positions left unread (a
+        fork's data starts afresh), so any number of processes may restore them."""
         steps = self.steps()
-        if steps:
+        if steps and data_iterator is not None:
             self._check_process_count(steps[-1])
+        data = {} if data_iterator is None else {"data": grain.checkpoint.CheckpointRestore(data_iterator)}
         for step in reversed(steps):
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target),
-                    data=grain.checkpoint.CheckpointRestore(data_iterator),
-                    meta=ocp.args.JsonRestore()))
+                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore(), **data))
             except Exception as e:  # noqa: BLE001 — any failure means this step is unusable
                 print(f"checkpoint {self.directory / str(step)} could not be restored "
                       f"({type(e).__name__}: {_first_line(e)}); trying the one before it", file=sys.stderr)
                 continue
             return Restored(step, restored.state, restored.meta)
         if steps:
-            raise RuntimeError(f"none of the checkpoints {steps} in {self.directory} could be restored")
+            raise NoCheckpointRestores(f"none of the checkpoints {steps} in {self.directory} could be restored")
         return None
 
     def _check_process_count(self, step: int) -> None:

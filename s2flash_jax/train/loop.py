@@ -2,6 +2,7 @@
 
 RUN_DIR/
   config.json          the resolved config (a resumed run must match it, up to RESUMABLE_KEYS)
+  forked_from.json     a fork's source: {"parent": PARENT_RUN_DIR, "step": N} (see train's fork_from)
   checkpoints/<step>/  orbax: train state, data-iterator position per process, metadata
   tensorboard/         event files (losses, gradient norms, step time, examples/s, MFU)
   samples/step_<n>.png periodic sample grid (rows: captions, columns: 1, 2, 4 student steps or
@@ -34,7 +35,7 @@ from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.outputs import OutputExists, image_grid
 from s2flash_jax.parallel.mesh import batch_sharding, make_mesh, sharded_shapes, tree_shardings
 from s2flash_jax.sampling import few_step_sample, latent_preview
-from s2flash_jax.train.checkpoint import RunCheckpoints
+from s2flash_jax.train.checkpoint import NoCheckpointRestores, RunCheckpoints
 from s2flash_jax.train.health import HealthMonitor, held_out_batch
 from s2flash_jax.train.metrics import MetricsLogger
 from s2flash_jax.train.state import TrainState, describe_initialisation, initialiser, product_params
@@ -43,6 +44,10 @@ from s2flash_jax.train.step import compile_ahead, step_peak_bytes
 # Config keys a resumed run may change: how long, how often, and how the work is laid out.
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                   "train.sample_every", "mesh.", "data.num_workers", "data.prefetch_buffer", "health.")
+# Config keys a fork may change besides: the branch's share of the student's timesteps (split-timestep
+# fine-tuning, docs/sd35_flash.md) and the seed of its data stream, which starts afresh.
+FORKABLE_KEYS = (*RESUMABLE_KEYS, "sd35_flash.step_range", "seed")
+FORKED_FROM = "forked_from.json"
 SAMPLE_STEPS = (1, 2, 4)
 STEP_MEMORY = "step_memory.json"  # in a run directory: its wall time and its compiled steps' peak memory
 FLOW_SAMPLE_STEPS = (5, 10, 20)
@@ -68,13 +73,18 @@ class RunResult:
 
 
 def train(config: Config, out: str | Path, *, resume: bool = False, force: bool = False,
-          stop_after: int | None = None, record_losses: bool = False, quiet: bool = False) -> RunResult:
+          stop_after: int | None = None, record_losses: bool = False, quiet: bool = False,
+          fork_from: str | Path | None = None) -> RunResult:
     """Distil for config.train.steps global steps into `out`.
 
     resume: continue from the newest checkpoint that restores (from step 0 if there is none).
     force: delete an existing run directory first. stop_after: end this invocation after that many
     updates (with a checkpoint), as a preemption would. record_losses: keep every update's metrics
     on the host (tests compare runs with them).
+    fork_from: a new run starts from that run directory's newest checkpoint (every network, optimizer
+    state and frozen network, and its global step) instead of from scratch, and trains on to
+    config.train.steps; its data stream starts afresh. The parent's config may differ only in
+    FORKABLE_KEYS. Ignored when `out` is continued (a resumed fork restores its own checkpoints).
     """
     out = Path(out)
     primary = jax.process_index() == 0
@@ -82,22 +92,33 @@ def train(config: Config, out: str | Path, *, resume: bool = False, force: bool 
     _check_batch(config, mesh)
     continuing = _check_run_dir(config, out, resume=resume, force=force)
     setup = initialiser(config)  # checks the checkpoints it reads before anything is written
-    _say(primary and not quiet and not resume, describe_initialisation(config))
+    _say(primary and not quiet and not resume and fork_from is None, describe_initialisation(config))
     data_it = _data_iterator(config, config.train.batch_size, jax.process_index(), jax.process_count(),
                              latents=setup.recipe.needs_latents)
-    # A fresh run reads its first batch before writing anything, so bad data leaves no run behind.
+    # A fresh run reads its first batch (and a fork its parent's state) before writing anything, so
+    # bad input leaves no run behind.
     first_batch = None if continuing else next(data_it)
+    shardings = tree_shardings(setup.abstract, mesh)
+    target = sharded_shapes(setup.abstract, shardings)
+    forked = _fork(config, Path(fork_from), out, target) if fork_from is not None and not continuing else None
     if not continuing and primary:
-        _create_run_dir(config, out)
+        _create_run_dir(config, out, forked)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("s2flash run directory ready")
 
-    shardings = tree_shardings(setup.abstract, mesh)
     checkpoints = RunCheckpoints(out / "checkpoints", keep=config.train.keep_checkpoints)
-    restored = checkpoints.restore_newest(sharded_shapes(setup.abstract, shardings), data_it) if resume else None
+    restored = checkpoints.restore_newest(target, data_it) if resume else None
+    if restored is None and continuing and (out / FORKED_FROM).is_file():
+        # A fork stopped before its first checkpoint: it forks again, from the parent it recorded.
+        forked = _fork(config, Path(json.loads((out / FORKED_FROM).read_text())["parent"]), out, target)
+        if primary:
+            _record_fork(out, forked)
     if restored is not None:
         state, start = restored.state, restored.step
         _say(primary and not quiet, f"resumed from {out / 'checkpoints' / str(start)}")
+    elif forked is not None:
+        state, start = forked.state, forked.step
+        _say(primary and not quiet, f"forked from {forked.parent} at step {start}")
     else:
         state, start = setup.create(mesh, shardings), 0
 
@@ -113,13 +134,13 @@ def train(config: Config, out: str | Path, *, resume: bool = False, force: bool 
     sampler = _Sampler(config, mesh, setup.recipe.product) if config.train.sample_every else None
     health = None
     if config.health.every:
-        # A resumed run rebuilds the initial state (deterministic from the config) for θ_init.
-        initial = state if restored is None else setup.create(mesh, shardings)
+        # A resumed run or a fork rebuilds the initial state (deterministic from the config) for θ_init.
+        initial = state if restored is None and forked is None else setup.create(mesh, shardings)
         health = HealthMonitor(config, mesh, recipe.product, initial.distill.params[recipe.product],
                                out / "health.json")
         del initial
-        if start == 0:
-            health.check(state, 0, logger.writer, primary)
+        if start == 0 or forked is not None:  # a fork's baseline is the state it starts from
+            health.check(state, start, logger.writer, primary)
     losses: list[dict[str, float]] = []
     step = start
     try:
@@ -194,16 +215,22 @@ def _config_json(config: Config) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as in the saved file
 
 
+def _changed_keys(saved: Path, config: Config, allowed: tuple[str, ...]) -> list[str]:
+    """The dotted keys in which `config` differs from the config.json `saved`, apart from `allowed`
+    (a key, or a prefix ending in '.')."""
+    old = _flatten(json.loads(saved.read_text()))
+    new = _flatten(_config_json(config))
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
+                  and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in allowed))
+
+
 def _check_run_dir(config: Config, out: Path, *, resume: bool, force: bool) -> bool:
     """Whether `out` is a run to continue; errors for a directory that may not be used as asked."""
     if not out.exists() or not any(out.iterdir()):
         return False
     saved = out / "config.json"
     if resume and saved.is_file():
-        old = _flatten(json.loads(saved.read_text()))
-        new = _flatten(_config_json(config))
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
-                         and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_KEYS))
+        changed = _changed_keys(saved, config, RESUMABLE_KEYS)
         if changed:
             raise RunError(f"cannot resume {out}: the config differs in {', '.join(changed)} "
                            f"(only {', '.join(RESUMABLE_KEYS)} may change); start a new run directory")
@@ -216,11 +243,58 @@ def _check_run_dir(config: Config, out: Path, *, resume: bool, force: bool) -> b
     return False
 
 
-def _create_run_dir(config: Config, out: Path) -> None:
-    """A new run directory holding only config.json (an existing one was allowed by --force)."""
+@dataclasses.dataclass
+class _Forked:
+    """Where a fork starts: its parent run directory, and the step and state restored from it."""
+
+    parent: Path
+    step: int
+    state: TrainState
+
+
+def _fork(config: Config, parent: Path, out: Path, target: TrainState) -> _Forked:
+    """The newest state of the run directory `parent` that restores onto `target` (the new run's
+    shapes and shardings), checked to be one `config` may continue from `out`."""
+    if parent.exists() and out.exists() and parent.resolve() == out.resolve():
+        raise RunError(f"--fork {str(parent)!r} is the run directory being written; fork into another --out")
+    if not (parent / "config.json").is_file():
+        raise RunError(f"cannot fork {parent}: it has no config.json, so it is not a run directory")
+    changed = _changed_keys(parent / "config.json", config, FORKABLE_KEYS)
+    if changed:
+        raise RunError(f"cannot fork {parent}: the config differs in {', '.join(changed)} "
+                       f"(only {', '.join(FORKABLE_KEYS)} may change)")
+    if not (parent / "checkpoints").is_dir():  # checked first: RunCheckpoints would create it
+        raise RunError(f"cannot fork {parent}: it has no checkpoints/ to start from")
+    checkpoints = RunCheckpoints(parent / "checkpoints", keep=config.train.keep_checkpoints)
+    try:
+        # The state alone, not a throwaway data iterator: the fork's data starts afresh from its own
+        # seed, and its processes need not match the parent's (whose data positions stay unread).
+        restored = checkpoints.restore_newest(target, None)
+    except NoCheckpointRestores as e:
+        raise RunError(f"cannot fork {parent}: {e}") from e
+    finally:
+        checkpoints.close()
+    if restored is None:
+        raise RunError(f"cannot fork {parent}: it has no checkpoint yet")
+    if restored.step >= config.train.steps:
+        raise RunError(f"cannot fork {parent} at step {restored.step} with train.steps={config.train.steps}: "
+                       f"train.steps counts from the parent's step 0, so set it above {restored.step}")
+    return _Forked(parent, restored.step, restored.state)
+
+
+def _record_fork(out: Path, forked: _Forked) -> None:
+    record = {"parent": str(forked.parent.absolute()), "step": forked.step}
+    (out / FORKED_FROM).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _create_run_dir(config: Config, out: Path, forked: _Forked | None = None) -> None:
+    """A new run directory holding only config.json and, for a fork, FORKED_FROM (written first, so
+    that a fork's directory never has a config without it). An existing one was allowed by --force."""
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    if forked is not None:
+        _record_fork(out, forked)
     (out / "config.json").write_text(json.dumps(_config_json(config), indent=2) + "\n")
 
 

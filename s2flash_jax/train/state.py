@@ -10,8 +10,7 @@ under jit with those out_shardings: no process ever holds an unsharded copy of a
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -24,7 +23,7 @@ from s2flash_jax.config import ConfigError
 from s2flash_jax.model_checkpoint import CheckpointError, check_architecture, load_params, read_model_config
 from s2flash_jax.models.sana import SanaConfig, SanaTransformer
 from s2flash_jax.parallel.mesh import tree_shardings
-from s2flash_jax.recipes.base import DistillState, Recipe
+from s2flash_jax.recipes.base import DistillState, Recipe, phase_count
 from s2flash_jax.recipes.flow_matching import flow_matching
 from s2flash_jax.recipes.lcm import lcm
 from s2flash_jax.recipes.s2flash import conv_discriminator_for, s2flash
@@ -77,11 +76,6 @@ class Initialiser:
         abstract = nnx.state(nnx.eval_shape(lambda: SanaTransformer(
             model, precision=self.config.precision, rngs=nnx.Rngs(0))))
         return load_params(path, model, abstract, tree_shardings(abstract, mesh))
-
-
-def _updates(steps: int, cycle: list[str], phase: str) -> int:
-    """How often a phase runs in `steps` global steps: each network's schedule spans its own updates."""
-    return math.ceil(steps * cycle.count(phase) / len(cycle))
 
 
 def _product_optimizer(config, updates: int | None = None) -> optax.GradientTransformation:
@@ -145,18 +139,21 @@ def _build_sana_sprint(config, seeds, teacher_params) -> tuple[Recipe, DistillSt
     return recipe, _distilled_from_teacher(config, distill)
 
 
-def _student_and_partner_optimizers(config, cycle, partner: str = "discriminator") -> dict[str, optax.GradientTransformation]:
-    """The student's optimizer and its partner network's (a discriminator, or SD3.5-Flash's fake score,
-    trained by the phase of the same name), each scheduled over its own share of the cycle."""
-    cycle = list(cycle)
-    return {"student": _product_optimizer(config, _updates(config.train.steps, cycle, "generator")),
-            partner: optimizer_from_config(config.train, _updates(config.train.steps, cycle, partner))}
+def _student_and_partner_optimizers(config, cycle, partners: Sequence[str] = ("discriminator",),
+                                    stages=()) -> dict[str, optax.GradientTransformation]:
+    """The student's optimizer and its partner networks' (a discriminator, SD3.5-Flash's fake score,
+    each trained by the phase of the same name), each scheduled over its own share of the (staged)
+    cycle: recipes/base.phase_count."""
+    steps = config.train.steps
+    return {"student": _product_optimizer(config, phase_count(steps, cycle, "generator", stages)),
+            **{name: optimizer_from_config(config.train, phase_count(steps, cycle, name, stages))
+               for name in partners}}
 
 
 def _build_s2flash(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
     """The step set is placed by sample.flow_shift, so the student trains at the times it is sampled at."""
     student, teacher = _student_and_teacher(config, seeds, teacher_params)
-    heads = conv_discriminator_for(teacher, config.s2flash, rngs=nnx.Rngs(seeds[2]))
+    heads = conv_discriminator_for(teacher.config, config.s2flash, rngs=nnx.Rngs(seeds[2]))
     recipe, distill = s2flash(student, teacher, heads, _null_caption(config, config.teacher.caption_channels),
                               config=config.s2flash, shift=config.sample.flow_shift,
                               optimizers=_student_and_partner_optimizers(config, config.s2flash.cycle))
@@ -165,11 +162,13 @@ def _build_s2flash(config, seeds, teacher_params) -> tuple[Recipe, DistillState]
 
 def _build_sd35_flash(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
     """The step set is placed by sample.flow_shift, as S2-Flash's; the fake score starts as the teacher."""
+    cfg = config.sd35_flash
     student, teacher = _student_and_teacher(config, seeds, teacher_params)
+    heads = conv_discriminator_for(teacher.config, cfg, rngs=nnx.Rngs(seeds[2])) if cfg.adversarial else None
+    partners = ("fake_score", "discriminator") if cfg.adversarial else ("fake_score",)
     recipe, distill = sd35_flash(student, teacher, _null_caption(config, config.teacher.caption_channels),
-                                 config=config.sd35_flash, shift=config.sample.flow_shift,
-                                 optimizers=_student_and_partner_optimizers(config, config.sd35_flash.cycle,
-                                                                            "fake_score"))
+                                 config=cfg, shift=config.sample.flow_shift, discriminator=heads,
+                                 optimizers=_student_and_partner_optimizers(config, cfg.cycle, partners, cfg.stages))
     return recipe, _distilled_from_teacher(config, distill)
 
 
