@@ -39,8 +39,7 @@ from s2flash_jax.train.loop import STEP_MEMORY, train  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES_PER_PROMPT = 4
 BRANCH_STEPS = 120  # global steps per branch: 40 student updates in stage 2's (generator, fake score, discriminator)
-NO_ADVERSARY = ["sd35_flash.adversarial_weight=0", "sd35_flash.adversarial_from=0",
-                "sd35_flash.discriminator_refresh_every=0"]
+NO_ADVERSARY = ["sd35_flash.adversarial_weight=0"]
 # run -> (row label, student steps, overrides of configs/shapes.py:sd35)
 RUNS = {
     "shared-4": ("4 steps, timestep sharing", 4, []),
@@ -61,8 +60,8 @@ def _config(demo: Path, overrides: list[str]):
 
 
 def _train(name: str, config, run_dir: Path, writer: dict, fork_from: Path | None = None) -> tuple[Path, dict]:
-    """Train (or resume) and export run_dir/model, unless it exists; returns it and the run's
-    STEP_MEMORY record."""
+    """Train (or resume) and export run_dir/model, unless it exists; returns it and the run's global
+    steps, batch and STEP_MEMORY record (train time, peak step memory)."""
     ckpt = run_dir / "model"
     if not (ckpt / "model.json").is_file():
         print(f"{name}: {config.train.steps} global steps in {run_dir}", flush=True)
@@ -72,7 +71,8 @@ def _train(name: str, config, run_dir: Path, writer: dict, fork_from: Path | Non
         (run_dir / STEP_MEMORY).write_text(json.dumps({"step_peak_mb": result.step_peak_bytes / 2**20,
                                                        "train_s": time.perf_counter() - start}) + "\n")
         result.export(config, ckpt, force=True, **writer)
-    return ckpt, json.loads((run_dir / STEP_MEMORY).read_text())
+    return ckpt, {"steps": config.train.steps, "batch_size": config.train.batch_size,
+                  **json.loads((run_dir / STEP_MEMORY).read_text())}
 
 
 def main(argv=None) -> dict:

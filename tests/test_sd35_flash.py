@@ -140,8 +140,8 @@ def test_dm_gradient_vanishes_when_the_fake_score_is_the_teacher_and_guidance_is
     ({"dm_flow_time_range": (0.5, 0.2)}, "dm_flow_time_range"),
     ({"fake_score_flow_time_range": (0.0, 1.5)}, "fake_score_flow_time_range"),
     ({"adversarial_weight": -1.0}, "adversarial_weight"),
-    ({"adversarial_from": 10}, "adversarial_from"),
-    ({"discriminator_refresh_every": 5}, "discriminator_refresh_every"),
+    ({"adversarial_from": -1}, "adversarial_from"),
+    ({"adversarial_weight": 1.0, "discriminator_refresh_every": -5}, "discriminator_refresh_every"),
     ({"adversarial_weight": 1.0, "gan_loss": "wasserstein"}, "gan_loss"),
     ({"adversarial_weight": 1.0, "block_ids": (1, 1)}, "block_ids"),
     ({"step_range": (2, 2)}, "step_range"),
@@ -152,6 +152,9 @@ def test_config_is_validated_with_one_error_naming_the_key(bad, key):
     with pytest.raises(ValueError, match=f"sd35_flash.{key}"):
         SD35FlashConfig(**bad)
     assert SD35FlashConfig(steps=1, time_mode="random").cycle == ("generator",) + ("fake_score",) * 5
+    # without an adversary its stage and refresh settings are ignored: one stage, no discriminator
+    quiet = SD35FlashConfig(adversarial_from=10, discriminator_refresh_every=5)
+    assert quiet.stages == () and "discriminator" not in quiet.cycle
 
 
 def _engine_setup(tmp_path, *overrides):
@@ -259,6 +262,9 @@ def test_the_adversary_joins_in_stage_two_and_schedules_count_its_updates(advers
     with pytest.raises(ValueError, match="sd35_flash.adversarial_weight > 0 needs discriminator heads"):
         student, teacher, _ = networks()
         sd35_flash(student, teacher, state.frozen["null_caption"], ADVERSARIAL)
+    for stages, message in ((((0, (g,)),), "increasing global steps > 0"), (((5, ("critic",)),), "cycle")):
+        with pytest.raises(ValueError, match=message):
+            dataclasses.replace(recipe, stages=stages)
 
 
 def test_the_adversary_moves_the_student_only_in_stage_two(adversarial):

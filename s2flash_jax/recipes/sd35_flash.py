@@ -84,7 +84,9 @@ class SD35FlashConfig:
       (DMD2: 0.02–0.98 for DM, the full range for the fake score).
     adversarial_weight: the generator's weight on the intermediate-state adversarial term (0: no
       adversary, no discriminator, captions only). DMD2's is 5e-3 against its unnormalised DM loss.
-    adversarial_from: global step at which stage 2 (adversary on) begins; 0: from the start.
+    adversarial_from: global step at which stage 2 (adversary on) begins; 0: from the start. It,
+      block_ids, gan_loss and discriminator_refresh_every are ignored without an adversary, so
+      adversarial_weight=0 alone turns a two-stage config into distribution matching throughout.
     block_ids: teacher blocks (0-based) whose features feed one conv head each.
     gan_loss: "non_saturating" (DMD2) or "hinge"; losses/adversarial.py.
     discriminator_refresh_every: discriminator updates between fresh re-initialisations of the heads
@@ -126,11 +128,6 @@ class SD35FlashConfig:
         for key in ("adversarial_weight", "adversarial_from", "discriminator_refresh_every"):
             if getattr(self, key) < 0:
                 raise ValueError(f"sd35_flash.{key}={getattr(self, key)} must be >= 0")
-        if not self.adversarial_weight:
-            for key in ("adversarial_from", "discriminator_refresh_every"):
-                if getattr(self, key):
-                    raise ValueError(f"sd35_flash.{key}={getattr(self, key)} without an adversary "
-                                     "(sd35_flash.adversarial_weight=0): set adversarial_weight > 0 or leave it 0")
         if self.gan_loss not in GAN_LOSSES:
             raise ValueError(f"sd35_flash.gan_loss={self.gan_loss!r}; expected one of {tuple(GAN_LOSSES)}")
         if not self.block_ids or min(self.block_ids) < 0 or len(set(self.block_ids)) != len(self.block_ids):
