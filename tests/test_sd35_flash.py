@@ -168,32 +168,14 @@ def _engine_setup(tmp_path, *overrides):
         f"data.path={data}", f"train.teacher_checkpoint={teacher}", "train.log_every=0", *overrides])
 
 
-def test_train_command_runs_sd35_flash_from_captions(tmp_path):
-    """`s2flash train --config configs/tiny.py:sd35_flash` through the engine, without an adversary:
-    captions only, generator and fake-score updates alternate, both networks train, the teacher
-    does not."""
-    from s2flash_jax.parallel.mesh import make_mesh
-    from s2flash_jax.train.loop import train
-    from s2flash_jax.train.state import create_train_state
-    from tests.test_train import assert_states_equal
-
-    config = _engine_setup(tmp_path, "train.steps=2")
-    run = train(config, tmp_path / "run", record_losses=True, quiet=True)
-    assert not run.state.distill.params.keys() - {"student", "fake_score"}
-    assert [("generator/loss" in m, "fake_score/loss" in m) for m in run.losses] == [(True, False), (False, True)]
-    assert all(np.isfinite(v) for m in run.losses for v in m.values())
-    recipe, initial, _ = create_train_state(config, make_mesh(config.mesh))
-    assert not recipe.needs_latents
-    for name in ("student", "fake_score"):
-        assert not same(run.state.distill.params[name], initial.distill.params[name]), name
-    assert_states_equal(run.state.distill.frozen, initial.distill.frozen)
-
-
 def test_two_stage_run_with_a_refreshed_adversary_resumes_bit_for_bit(tmp_path):
     """Stage 1 (generator, fake score) for 2 steps, then stage 2 with the discriminator, whose heads
     restart at its second update; a run stopped in stage 2 before that restart and resumed equals an
-    uninterrupted one: student, fake score, discriminator and all three optimizer states."""
+    uninterrupted one: student, fake score, discriminator and all three optimizer states. Captions-only
+    training (no adversary) is the same engine path without the discriminator phase."""
+    from s2flash_jax.parallel.mesh import make_mesh
     from s2flash_jax.train.loop import train
+    from s2flash_jax.train.state import create_train_state
     from tests.test_train import assert_states_equal
 
     config = _engine_setup(tmp_path, "train.steps=8", "train.checkpoint_every=5", "sd35_flash.adversarial_weight=0.1",
@@ -207,6 +189,11 @@ def test_two_stage_run_with_a_refreshed_adversary_resumes_bit_for_bit(tmp_path):
     rest = train(config, tmp_path / "split", resume=True, record_losses=True, quiet=True)
     assert rest.losses == whole.losses[5:]
     assert_states_equal(rest.state, whole.state)
+
+    _, initial, _ = create_train_state(config, make_mesh(config.mesh))
+    for name in ("student", "fake_score", "discriminator"):
+        assert not same(whole.state.distill.params[name], initial.distill.params[name]), name
+    assert_states_equal(whole.state.distill.frozen, initial.distill.frozen)  # the teacher does not train
 
 
 def test_the_demo_samples_the_shapes_student_at_its_own_step_count_from_captions_alone():
