@@ -30,7 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from s2flash_jax.config import load_config  # noqa: E402
-from s2flash_jax.demo import TEACHER_STEPS, component_writer, metrics_table, run_shapes_demo, score_models  # noqa: E402
+from s2flash_jax.demo import (  # noqa: E402
+    TEACHER_STEPS, component_writer, metrics_table, run_shapes_demo, score_models, write_metrics)
 from s2flash_jax.eval.frechet import load_feature_net  # noqa: E402
 from s2flash_jax.merge import merge_checkpoints  # noqa: E402
 from s2flash_jax.pipeline import TextToImage  # noqa: E402
@@ -113,9 +114,7 @@ def main(argv=None) -> dict:
     metrics = {"models": results, "training": training, "samples_per_prompt": SAMPLES_PER_PROMPT,
                "branch_steps": BRANCH_STEPS, "wall_s": {"benchmark_s": time.perf_counter() - start}}
     outputs = [work / "metrics"] + ([REPO / "docs" / "images" / "sd35-flash-shapes-metrics"] if args.docs else [])
-    for out in outputs:
-        out.with_suffix(".json").write_text(json.dumps(metrics, indent=2) + "\n")
-        out.with_suffix(".md").write_text(metrics_table(metrics))
+    write_metrics(metrics, *outputs)
     print(metrics_table(metrics))
     print("wrote " + ", ".join(str(o.with_suffix(s)) for o in outputs for s in (".md", ".json")))
     return metrics

@@ -155,11 +155,17 @@ def run_shapes_demo(out: Path, *, quick: bool = False, force: bool = False,
     clock["eval_s"] = time.perf_counter() - start
     metrics["wall_s"] = clock
     metrics["training"] = training
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / "metrics.md").write_text(metrics_table(metrics))
+    write_metrics(metrics, out / "metrics")
     print(metrics_table(metrics))
     print(f"wrote {out / 'grid.png'}, {out / 'metrics.md'}, {out / 'metrics.json'}")
     return metrics
+
+
+def write_metrics(metrics: dict, *stems: Path) -> None:
+    """`metrics` as STEM.json and its tables (metrics_table) as STEM.md, for each stem."""
+    for stem in stems:
+        stem.with_suffix(".json").write_text(json.dumps(metrics, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(metrics_table(metrics))
 
 
 def _text_encoder(path: Path, config: Config) -> FrozenTextEncoder:
