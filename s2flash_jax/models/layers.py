@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from s2flash_jax.models.depthwise import depthwise_conv
 from s2flash_jax.precision import Precision
 
 M = TypeVar("M", bound=nnx.Module)
@@ -150,11 +151,8 @@ class LayerNorm(nnx.Module):
 
 
 class DepthwiseConv(nnx.Module):
-    """Depthwise k x k convolution, stride 1, zero 'same' padding, with bias.
-
-    Computed as a sum of k·k shifted, per-channel-scaled copies of the input: XLA:CPU runs a grouped
-    `conv_general_dilated` with thousands of groups ~35x slower, and on accelerators this form is
-    as memory-bound as the conv. Kernel layout is HWIO [k, k, 1, C], as a grouped conv's.
+    """Depthwise k x k convolution, stride 1, zero 'same' padding, with bias (models/depthwise.py says
+    how it is computed). Kernel layout is HWIO [k, k, 1, C], as a grouped conv's.
     x: [B, H, W, C] -> [B, H, W, C]
     """
 
@@ -166,12 +164,7 @@ class DepthwiseConv(nnx.Module):
         self.compute_dtype = precision.compute
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(self.compute_dtype)
-        kernel = self.kernel[...].astype(self.compute_dtype)
-        k = kernel.shape[0]
-        height, width = x.shape[1:3]
-        padded = jnp.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
-        out = sum(padded[:, i:i + height, j:j + width, :] * kernel[i, j, 0] for i in range(k) for j in range(k))
+        out = depthwise_conv(x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype))
         return out + self.bias[...].astype(self.compute_dtype)
 
 
