@@ -12,14 +12,14 @@ prompts and writes DEMO/s2flash-comparison/{metrics.json, metrics.md}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from s2flash_jax.demo import RECIPES, TEACHER_STEPS, metrics_table, run_shapes_demo, score_models, student_rows  # noqa: E402
+from s2flash_jax.demo import (  # noqa: E402
+    RECIPES, TEACHER_STEPS, run_shapes_demo, score_models, student_rows, write_metrics)
 from s2flash_jax.eval.frechet import load_feature_net  # noqa: E402
 from s2flash_jax.pipeline import TextToImage  # noqa: E402
 
@@ -44,10 +44,7 @@ def main(argv=None) -> dict:
                "samples_per_prompt": SAMPLES_PER_PROMPT, "wall_s": {"benchmark_s": time.perf_counter() - start}}
     out = args.demo / "s2flash-comparison"
     out.mkdir(exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / "metrics.md").write_text(metrics_table(metrics))
-    print(metrics_table(metrics))
-    print(f"wrote {out / 'metrics.md'}, {out / 'metrics.json'}")
+    write_metrics(metrics, out / "metrics")
     return metrics
 
 

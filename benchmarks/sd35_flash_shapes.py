@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from s2flash_jax.config import load_config  # noqa: E402
 from s2flash_jax.demo import (  # noqa: E402
-    TEACHER_STEPS, component_writer, metrics_table, run_shapes_demo, score_models, write_metrics)
+    TEACHER_STEPS, component_writer, run_shapes_demo, score_models, write_metrics)
 from s2flash_jax.eval.frechet import load_feature_net  # noqa: E402
 from s2flash_jax.merge import merge_checkpoints  # noqa: E402
 from s2flash_jax.pipeline import TextToImage  # noqa: E402
@@ -115,8 +115,6 @@ def main(argv=None) -> dict:
                "branch_steps": BRANCH_STEPS, "wall_s": {"benchmark_s": time.perf_counter() - start}}
     outputs = [work / "metrics"] + ([REPO / "docs" / "images" / "sd35-flash-shapes-metrics"] if args.docs else [])
     write_metrics(metrics, *outputs)
-    print(metrics_table(metrics))
-    print("wrote " + ", ".join(str(o.with_suffix(s)) for o in outputs for s in (".md", ".json")))
     return metrics
 
 

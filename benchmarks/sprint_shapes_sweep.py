@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from s2flash_jax.config import load_config  # noqa: E402
 from s2flash_jax.demo import (  # noqa: E402
-    TEACHER_STEPS, component_writer, metrics_table, run_shapes_demo, score_models, student_rows, write_metrics)
+    TEACHER_STEPS, component_writer, run_shapes_demo, score_models, student_rows, write_metrics)
 from s2flash_jax.eval.frechet import load_feature_net  # noqa: E402
 from s2flash_jax.pipeline import TextToImage  # noqa: E402
 from s2flash_jax.train.loop import train_and_export  # noqa: E402
@@ -64,8 +64,6 @@ def main(argv=None) -> dict:
     outputs = [args.demo / "sweep" / "metrics"] + ([REPO / "docs" / "images" / "sprint-shapes-sweep"]
                                                    if args.docs else [])
     write_metrics(metrics, *outputs)
-    print(metrics_table(metrics))
-    print("wrote " + ", ".join(str(o.with_suffix(s)) for o in outputs for s in (".md", ".json")))
     return metrics
 
 

@@ -156,16 +156,19 @@ def run_shapes_demo(out: Path, *, quick: bool = False, force: bool = False,
     metrics["wall_s"] = clock
     metrics["training"] = training
     write_metrics(metrics, out / "metrics")
-    print(metrics_table(metrics))
-    print(f"wrote {out / 'grid.png'}, {out / 'metrics.md'}, {out / 'metrics.json'}")
+    print(f"wrote {out / 'grid.png'}")
     return metrics
 
 
 def write_metrics(metrics: dict, *stems: Path) -> None:
-    """`metrics` as STEM.json and its tables (metrics_table) as STEM.md, for each stem."""
+    """`metrics` as STEM.json and its tables (metrics_table) as STEM.md, for each stem; prints the
+    tables and the files written."""
+    table = metrics_table(metrics)
     for stem in stems:
         stem.with_suffix(".json").write_text(json.dumps(metrics, indent=2) + "\n")
-        stem.with_suffix(".md").write_text(metrics_table(metrics))
+        stem.with_suffix(".md").write_text(table)
+    print(table)
+    print("wrote " + ", ".join(str(stem.with_suffix(suffix)) for stem in stems for suffix in (".md", ".json")))
 
 
 def _text_encoder(path: Path, config: Config) -> FrozenTextEncoder:

@@ -57,8 +57,11 @@ def _jvp(primals, tangents):
     x, kernel = primals
     dx, dkernel = tangents
     out = depthwise_p.bind(x, kernel)
-    terms = [depthwise_p.bind(t, kernel) for t in (dx,) if type(t) is not ad.Zero]
-    terms += [depthwise_p.bind(x, dkernel)] if type(dkernel) is not ad.Zero else []
+    terms = []
+    if type(dx) is not ad.Zero:
+        terms.append(depthwise_p.bind(dx, kernel))
+    if type(dkernel) is not ad.Zero:
+        terms.append(depthwise_p.bind(x, dkernel))
     return out, sum(terms) if terms else ad.Zero.from_primal_value(out)
 
 
