@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,20 +25,10 @@ import torch  # noqa: E402
 from diffusers import SanaTransformer2DModel  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks.timing import timed  # noqa: E402
 from conversion.sana_diffusers import sana_from_diffusers  # noqa: E402
 from s2flash_jax.config import load_config  # noqa: E402
 from s2flash_jax.precision import FP32  # noqa: E402
-
-
-def timed(fn, repeats: int) -> float:
-    """Median wall time in ms of `fn()` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def step_rows(jax_runs: dict, torch_runs: dict, repeats: int) -> list[dict]:

@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from came_pytorch import CAME  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.forward import timed  # noqa: E402
+from benchmarks.timing import timed  # noqa: E402
 from s2flash_jax.config import load_config  # noqa: E402
 from s2flash_jax.flows.flow_matching import per_example  # noqa: E402
 from s2flash_jax.losses.scm import sample_guidance_scales  # noqa: E402

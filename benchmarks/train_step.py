@@ -25,9 +25,9 @@ import torch
 from benchmarks import objective
 from benchmarks.entry import benchmark_main
 from s2flash_jax.train.flops import matmul_flops, model_flops_utilisation, peak_flops
-from benchmarks.forward import timed
 from benchmarks.memory import TorchPeak, jax_peak_bytes, tensor_bytes
 from benchmarks.shapes import Shapes, model_pair
+from benchmarks.timing import timed
 from benchmarks.torch_side import synchronised, torch_device
 from s2flash_jax.recipes.sana_sprint import SanaSprintConfig
 from tests import sprint_reference as ref
