@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/shapes-demo", help="demo directory (default: runs/shapes-demo)")
     demo.add_argument("--quick", action="store_true", help="a short run (a few minutes, mostly compilation) for tests and a first look")
     demo.add_argument("--force", action="store_true", help="delete an existing demo directory and start over")
+    demo.add_argument("--unsaid-positions", action="store_true",
+                      help="prompts that leave cells unsaid ('a big red circle'): a quarter of the training "
+                           "objects' and every held-out one-object prompt's, so a sample must choose a cell "
+                           "that its caption does not, and the student's 1-step start (the teacher's posterior "
+                           "mean) is a haze over the cells")
     demo.add_argument("--recipe", default="sana-sprint", metavar="NAMES",
                       help="distillation recipe(s), comma-separated, one set of rows each: sana-sprint (sCM + LADD "
                            "on the rendered images), tbcm (image-free, on the teacher's trajectories), twinflow "
@@ -373,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
             from s2flash_jax.demo import run_shapes_demo
 
             run_shapes_demo(Path(args.out), quick=args.quick, force=args.force,
-                            recipes=tuple(r.strip() for r in args.recipe.split(",") if r.strip()))
+                            recipes=tuple(r.strip() for r in args.recipe.split(",") if r.strip()),
+                            unsaid_positions=args.unsaid_positions)
             return 0
         if args.command == "sample" and args.ckpt:
             from s2flash_jax.pipeline import run_sample_checkpoint

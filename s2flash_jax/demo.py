@@ -59,6 +59,7 @@ DATA_SEED = 0
 STUDENT_STEPS = (1, 2, 4)
 TEACHER_STEPS = 20
 GRID_PROMPTS = 8
+UNSAID_POSITION_RATE = 0.25  # with --unsaid-positions: the share of training objects whose cell the prompt leaves out
 IMAGE_SIZE = 32
 
 
@@ -97,9 +98,11 @@ SIZES = {"full": DemoSize(records=20_000, samples_per_prompt=4, feature_net_step
 
 
 def run_shapes_demo(out: Path, *, quick: bool = False, force: bool = False,
-                    recipes: tuple[str, ...] = ("sana-sprint",)) -> dict:
+                    recipes: tuple[str, ...] = ("sana-sprint",), unsaid_positions: bool = False) -> dict:
     """Run (or resume) every stage into `out`, distilling with each of `recipes` (keys of RECIPES);
-    returns the metrics written to metrics.json."""
+    returns the metrics written to metrics.json. unsaid_positions: training prompts leave each
+    object's cell unsaid with probability UNSAID_POSITION_RATE, and the held-out one-object prompts
+    leave theirs unsaid (shapes.heldout_scenes)."""
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown or not recipes:
         raise ConfigError(f"--recipe {','.join(recipes)!r}: expected one or more of {', '.join(RECIPES)}")
@@ -108,24 +111,27 @@ def run_shapes_demo(out: Path, *, quick: bool = False, force: bool = False,
     if out.exists() and force:
         shutil.rmtree(out)
     marker = out / "demo.json"
+    kind = {"quick": quick, "unsaid_positions": unsaid_positions}
     if out.exists() and any(out.iterdir()):
         if not marker.is_file():
             raise OutputExists(f"{out} exists and is not a demo directory; choose another --out or pass --force")
-        if json.loads(marker.read_text()) != {"quick": quick}:
-            raise OutputExists(f"{out} holds a {'full' if quick else 'quick'} demo; pass --force to start over")
+        held = {"unsaid_positions": False} | json.loads(marker.read_text())
+        if held != kind:
+            raise OutputExists(f"{out} holds a demo of {held}, not {kind}; choose another --out or pass --force")
     out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"quick": quick}) + "\n")
+    marker.write_text(json.dumps(kind) + "\n")
     clock = {}
 
     start = time.perf_counter()
     teacher_config = load_config(f"{CONFIG}:teacher{variant}", [f"data.path={out / 'data'}"])
     text_encoder = _text_encoder(out / "text_encoder", teacher_config)
+    unsaid_rate = UNSAID_POSITION_RATE if unsaid_positions else 0.0
     autoencoder = _write_dataset(out / "data", text_encoder, size.records,
-                                 factor=IMAGE_SIZE // teacher_config.model.sample_size)
+                                 factor=IMAGE_SIZE // teacher_config.model.sample_size, unsaid_position_rate=unsaid_rate)
     feature_net = _feature_net(out / "feature_net", size.feature_net_steps)
     if any(RECIPES[r].prompts_only for r in recipes):
         _write_dataset(out / "prompts", text_encoder, size.records, factor=IMAGE_SIZE // teacher_config.model.sample_size,
-                       latents=False)
+                       latents=False, unsaid_position_rate=unsaid_rate)
     clock["data_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -151,7 +157,7 @@ def run_shapes_demo(out: Path, *, quick: bool = False, force: bool = False,
 
     start = time.perf_counter()
     steps = {RECIPES[recipe].label: RECIPES[recipe].steps for recipe in recipes}
-    metrics = _evaluate(out, teacher_ckpt, students, configs, steps, feature_net, size)
+    metrics = _evaluate(out, teacher_ckpt, students, configs, steps, feature_net, size, unsaid_positions)
     clock["eval_s"] = time.perf_counter() - start
     metrics["wall_s"] = clock
     metrics["training"] = training
@@ -181,7 +187,7 @@ def _text_encoder(path: Path, config: Config) -> FrozenTextEncoder:
 
 
 def _write_dataset(path: Path, text_encoder: FrozenTextEncoder, count: int, factor: int, batch: int = 512,
-                   latents: bool = True):
+                   latents: bool = True, unsaid_position_rate: float = 0.0):
     """Training shards of `count` scenes (their captions only without `latents`); the autoencoder's
     scaling factor makes the latents unit-variance."""
     info = read_dataset_info(path)
@@ -193,7 +199,7 @@ def _write_dataset(path: Path, text_encoder: FrozenTextEncoder, count: int, fact
 
     def records():
         for start in tqdm(range(0, count, batch), desc="shapes dataset", unit="batch"):
-            scenes = shapes.scenes(DATA_SEED, start, min(batch, count - start))
+            scenes = shapes.scenes(DATA_SEED, start, min(batch, count - start), unsaid_position_rate)
             prompts = [shapes.prompt(s) for s in scenes]
             encoded = [None] * len(prompts)
             if latents:
@@ -228,7 +234,7 @@ def component_writer(text_encoder_dir: Path, autoencoder: SpaceToDepthAutoencode
 
 
 def _evaluate(out: Path, teacher_ckpt: Path, students: dict[str, Path], configs: dict[str, Config],
-              steps: dict[str, tuple[int, ...]], feature_net, size: DemoSize) -> dict:
+              steps: dict[str, tuple[int, ...]], feature_net, size: DemoSize, unsaid_positions: bool) -> dict:
     """students, configs, steps: row label -> checkpoint, the config that trained it, the step counts
     it is sampled at. The first recipe's student also gets a row before any update: where its
     distillation starts."""
@@ -242,7 +248,7 @@ def _evaluate(out: Path, teacher_ckpt: Path, students: dict[str, Path], configs:
                                                "student before distillation, 1 step": (before, 1)}
     for label, student in loaded.items():
         rows |= student_rows(label, student, steps[label])
-    results, grid_columns, prompts = score_models(rows, feature_net, size.samples_per_prompt)
+    results, grid_columns, prompts = score_models(rows, feature_net, size.samples_per_prompt, unsaid_positions)
     _sample_grid(prompts[:GRID_PROMPTS], grid_columns).save(out / "grid.png")
     _log_scalars(out / "tensorboard", results)
     return {"models": results, "heldout_prompts": len(prompts) // size.samples_per_prompt,
@@ -255,24 +261,25 @@ def student_rows(label: str, student: TextToImage,
     return {f"{label}, {n} step{'s' if n > 1 else ''}": (student, n) for n in steps}
 
 
-def score_models(rows: dict[str, tuple[TextToImage | None, int]], feature_net,
-                 samples_per_prompt: int) -> tuple[dict[str, dict], dict[str, np.ndarray], list[str]]:
+def score_models(rows: dict[str, tuple[TextToImage | None, int]], feature_net, samples_per_prompt: int,
+                 unsaid_positions: bool = False) -> tuple[dict[str, dict], dict[str, np.ndarray], list[str]]:
     """Sample the held-out prompts (samples_per_prompt seeds each) with every row's model at its
     step count (None: reference renders of other seeds) and score them: alignment accuracy by
     attribute, Fréchet distance to renders over whole images and over their 16 px crops
-    (eval/frechet.patch_crops), images/s. Returns (results by label, the first
-    GRID_PROMPTS images by label, the prompts)."""
-    scenes = shapes.heldout_scenes()
+    (eval/frechet.patch_crops), images/s. unsaid_positions: the held-out one-object prompts leave
+    their cell unsaid, and each reference render puts it in a cell of its own seed's choosing.
+    Returns (results by label, the first GRID_PROMPTS images by label, the prompts)."""
+    scenes = shapes.heldout_scenes(unsaid_positions)
     prompts = [shapes.prompt(s) for s in scenes] * samples_per_prompt
     all_scenes = scenes * samples_per_prompt
-    reference = shapes.render_batch(all_scenes, seed=12345)
+    reference = shapes.render_batch(shapes.place_unsaid(all_scenes, seed=12345), seed=12345)
     reference_features = image_features(feature_net, reference)
     reference_patches = image_features(feature_net, patch_crops(reference))
     results, grid_columns = {}, {}
     for label, (pipeline, steps) in tqdm(rows.items(), desc="evaluating", unit="model"):
         timings = {}
         if pipeline is None:
-            images = shapes.render_batch(all_scenes, seed=54321)
+            images = shapes.render_batch(shapes.place_unsaid(all_scenes, seed=54321), seed=54321)
         else:
             images = pipeline.generate(prompts, steps=steps, seed=0, timings=timings)
         alignment = score(images, all_scenes)

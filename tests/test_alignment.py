@@ -72,6 +72,16 @@ def test_a_wrong_attribute_is_caught(ground_truth, attribute):
         assert result == pytest.approx({**PERFECT, attribute: right, "prompt": 0.0})
 
 
+def test_an_unsaid_position_is_not_scored(ground_truth):
+    """A prompt that leaves a cell unsaid accepts the object in any cell; said cells stay checked."""
+    batch, images = ground_truth
+    batch, images = batch[:60], images[:60]
+    moved = [changed(scene, 0, "position") for scene in batch]  # the images show the first object elsewhere
+    unsaid = [Scene((dataclasses.replace(s.objects[0], position_said=False),) + s.objects[1:]) for s in moved]
+    assert score(images, unsaid) == PERFECT
+    assert score(images, moved)["prompt"] == 0.0
+
+
 def test_an_extra_object_breaks_the_count():
     two = [s for s in scenes(23, 0, 80) if len(s.objects) == 2][:20]
     result = score(render_batch(two, 32, seed=1), [Scene(s.objects[:1]) for s in two])

@@ -8,8 +8,8 @@ import pytest
 
 from s2flash_jax.data import shapes
 from s2flash_jax.data.shapes import (BACKGROUND, COLOURS, EXTENTS, MAX_JITTER, POSITIONS, SHAPES, SIZES, VOCABULARY,
-                                     Scene, ShapeObject, cell_centre, heldout_scenes, parse_prompt, prompt, render,
-                                     render_batch, scene_at, scenes, shape_coverage)
+                                     Scene, ShapeObject, cell_centre, heldout_scenes, parse_prompt, place_unsaid, prompt,
+                                     render, render_batch, scene_at, scenes, shape_coverage)
 
 # sha256 of the held-out prompts, one a line: the evaluation set must never change silently.
 HELDOUT_DIGEST = "0a4960b46cbfcb98df4db617a6b12e339faa62a074e39fbf92188e536869c31c"
@@ -50,6 +50,43 @@ def test_prompt_round_trip(stream):
     assert words == set(VOCABULARY)  # every word is used, and none outside the vocabulary
 
 
+def test_a_prompt_may_leave_a_cell_unsaid():
+    scene = Scene((obj("red", "circle", "small", "top left"),
+                   ShapeObject("blue", "square", "big", "center", position_said=False)))
+    text = "a small red circle at the top left and a big blue square"
+    assert prompt(scene) == text
+    parsed = parse_prompt(text)
+    assert parsed.objects[1] == ShapeObject("blue", "square", "big", None, position_said=False)
+    assert prompt(parsed) == text
+    with pytest.raises(ValueError, match="no cell"):  # the parsed scene says nothing of where to draw it
+        render(parsed)
+    with pytest.raises(ValueError, match="unknown position None"):
+        ShapeObject("blue", "square", "big", None)
+
+
+def test_unsaid_positions_hide_cells_of_the_same_stream():
+    hidden = scenes(3, 0, 4000, unsaid_position_rate=0.25)
+    assert [tuple(o.said() for o in s.objects) for s in hidden] == [s.objects for s in scenes(3, 0, 4000)]
+    unsaid = [not o.position_said for s in hidden for o in s.objects]
+    assert abs(np.mean(unsaid) - 0.25) < 0.03
+    assert hidden == scenes(3, 0, 4000, unsaid_position_rate=0.25)  # deterministic
+    assert all("at the" not in prompt(Scene((o,))) for s in hidden for o in s.objects if not o.position_said)
+
+
+def test_heldout_prompts_with_unsaid_cells_and_their_placement():
+    said, unsaid = heldout_scenes(), heldout_scenes(unsaid_positions=True)
+    assert [tuple(o.said() for o in s.objects) for s in unsaid] == [s.objects for s in said]
+    assert [all(o.position_said for o in s.objects) for s in unsaid] == [False] * 32 + [True] * 32
+    # Placement keeps said cells, puts unsaid objects in free cells, and varies with the seed.
+    two = Scene((ShapeObject("red", "circle", "big", "center", position_said=False), obj("blue", "square", "big", "top")))
+    placed = place_unsaid([two] * 900, seed=7)
+    assert {s.objects[1].position for s in placed} == {"top"}
+    cells = [s.objects[0].position for s in placed]
+    assert set(cells) == set(POSITIONS) - {"top"}
+    assert max(cells.count(c) for c in set(cells)) < 1.5 * 900 / 8
+    assert place_unsaid(said, seed=7) == said
+
+
 @pytest.mark.parametrize("text, named", [
     ("a big violet circle at the center", "'violet'"),
     ("a red big circle at the center", "'red'"),
@@ -57,7 +94,7 @@ def test_prompt_round_trip(stream):
     ("a big red circle at center", "'center'"),
     ("a big red circle at the", "(nothing)"),
     ("a big red circle at the top top", "'top top'"),
-    ("a big red circle", "the end of the object"),
+    ("a big red circle at", "the end of the object"),
     ("a big red circle at the top and", "(nothing)"),
 ])
 def test_parse_errors_name_the_bad_part(text, named):

@@ -5,7 +5,11 @@ objects never share a colour or a cell. Its prompt follows a fixed grammar,
 
     "a small red circle at the top left and a big blue square at the bottom right",
 
-and `parse_prompt` reads it back. `scene_at(seed, i)` is scene i of an unbounded random stream,
+and `parse_prompt` reads it back. A prompt may leave an object's cell unsaid ("a small red circle");
+the scene still has one, which the renderer draws and the checker does not score. Such prompts make
+the caption-to-image map one-to-many, as real captions are: the posterior mean a one-step
+prediction starts from is then a faint haze over the cells, not a sample (`scene_at`'s
+`unsaid_position_rate`, `heldout_scenes(unsaid_positions=True)`). `scene_at(seed, i)` is scene i of an unbounded random stream,
 computed on its own (random access, no state), and never one of the 64 `heldout_scenes()` kept
 for evaluation. `render` draws a scene anti-aliased (supersampled, box filtered) at any size;
 `render_batch` draws many at once, vectorised over objects.
@@ -52,7 +56,7 @@ EXTENTS: dict[str, float] = {"small": 0.18, "big": 0.29}  # width and height of 
 FILL_RATIOS: dict[str, float] = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}  # area / bounding-box area
 MAX_JITTER = 1 / 64  # largest shift of an object from its cell centre, per axis, as a fraction of the image side
 SUPERSAMPLING = 4  # samples per pixel along each axis
-GRAMMAR = "'a {size} {colour} {shape} at the {position}', joined by ' and ' for a second object"
+GRAMMAR = "'a {size} {colour} {shape} [at the {position}]', joined by ' and ' for a second object"
 
 _COLOUR_NAMES = tuple(COLOURS)
 _PALETTE = np.array(list(COLOURS.values()), np.float32)  # [6, 3]
@@ -64,16 +68,24 @@ _MASK64 = (1 << 64) - 1
 
 @dataclasses.dataclass(frozen=True)
 class ShapeObject:
+    """position: the object's grid cell; None only for an object parsed from a prompt that leaves it
+    unsaid. position_said: whether the prompt names the cell."""
+
     colour: str
     shape: str
     size: str
-    position: str
+    position: str | None
+    position_said: bool = True
 
     def __post_init__(self):
         for attribute, allowed in (("colour", tuple(COLOURS)), ("shape", SHAPES), ("size", SIZES),
-                                   ("position", POSITIONS)):
+                                   ("position", POSITIONS + (() if self.position_said else (None,)))):
             if getattr(self, attribute) not in allowed:
                 raise ValueError(f"unknown {attribute} {getattr(self, attribute)!r}; expected one of {list(allowed)}")
+
+    def said(self) -> ShapeObject:
+        """The same object with its cell named (what the renderer draws, whatever the prompt says)."""
+        return dataclasses.replace(self, position_said=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,15 +97,18 @@ class Scene:
             raise ValueError(f"a scene holds 1 or 2 objects, not {len(self.objects)}")
         if len({o.colour for o in self.objects}) != len(self.objects):
             raise ValueError(f"two objects share the colour {self.objects[0].colour!r}; a scene's colours differ")
-        if len({o.position for o in self.objects}) != len(self.objects):
+        cells = [o.position for o in self.objects if o.position is not None]
+        if len(set(cells)) != len(cells):
             raise ValueError(f"two objects share the cell {self.objects[0].position!r}; a scene's cells differ")
 
 
 # --- prompts ---------------------------------------------------------------------------------
 
 def prompt(scene: Scene) -> str:
-    """The scene's caption, e.g. "a small red circle at the top left and a big blue square at the right"."""
-    return " and ".join(f"a {o.size} {o.colour} {o.shape} at the {o.position}" for o in scene.objects)
+    """The scene's caption, e.g. "a small red circle at the top left and a big blue square", where the
+    second object's cell is unsaid."""
+    return " and ".join(f"a {o.size} {o.colour} {o.shape}" + (f" at the {o.position}" if o.position_said else "")
+                        for o in scene.objects)
 
 
 def parse_prompt(text: str) -> Scene:
@@ -121,8 +136,13 @@ def parse_prompt(text: str) -> Scene:
 
 
 def _parse_object(words: list[str], text: str) -> ShapeObject:
-    """One object from the words of 'a {size} {colour} {shape} at the {position}'."""
+    """One object from the words of 'a {size} {colour} {shape} [at the {position}]'."""
     part = " ".join(words) or "(nothing)"
+    if len(words) == 4:  # no cell named: any will do
+        words = words + ["at", "the"]
+        position_said = False
+    else:
+        position_said = True
     expected = [("'a'", ("a",)), ("a size", SIZES), ("a colour", tuple(COLOURS)), ("a shape", SHAPES),
                 ("'at'", ("at",)), ("'the'", ("the",))]
     for i, (what, allowed) in enumerate(expected):
@@ -131,6 +151,8 @@ def _parse_object(words: list[str], text: str) -> ShapeObject:
             raise ValueError(f"in {part!r} of prompt {text!r}: found {found} where {what} ({'/'.join(allowed)}) "
                              f"belongs; expected {GRAMMAR}")
     position = " ".join(words[len(expected):])
+    if not position_said:
+        return ShapeObject(colour=words[2], shape=words[3], size=words[1], position=None, position_said=False)
     if position not in POSITIONS:
         raise ValueError(f"in {part!r} of prompt {text!r}: {position or '(nothing)'!r} is not a position; "
                          f"expected one of {list(POSITIONS)}")
@@ -139,26 +161,52 @@ def _parse_object(words: list[str], text: str) -> ShapeObject:
 
 # --- scenes ----------------------------------------------------------------------------------
 
-def scene_at(seed: int, index: int) -> Scene:
+def scene_at(seed: int, index: int, unsaid_position_rate: float = 0.0) -> Scene:
     """Scene `index` of the unbounded random stream for `seed`: one or two objects (probability 1/2
-    each), attributes uniform. Held-out scenes are redrawn, so the stream never shows one."""
+    each), attributes uniform. Held-out scenes are redrawn, so the stream never shows one. Each
+    object's prompt leaves its cell unsaid with probability `unsaid_position_rate`; the objects and
+    cells are those of the rate-0 stream."""
     heldout = _heldout_keys()
     count = 1 + (_hash64(seed, index) & 1)  # drawn once, so redrawing held-out scenes keeps the 1/2 split
     for attempt in itertools.count(1):
         scene = _decode_scene(count, _hash64(seed, index, attempt))
         if frozenset(scene.objects) not in heldout:
-            return scene
+            break
+    if not unsaid_position_rate:
+        return scene
+    unsaid = [_hash64(seed, index, -1 - k) / 2**64 < unsaid_position_rate for k in range(count)]
+    return Scene(tuple(dataclasses.replace(o, position_said=not u) for o, u in zip(scene.objects, unsaid)))
 
 
-def scenes(seed: int, start: int, count: int) -> list[Scene]:
+def scenes(seed: int, start: int, count: int, unsaid_position_rate: float = 0.0) -> list[Scene]:
     """Scenes start, ..., start + count - 1 of the stream for `seed`."""
-    return [scene_at(seed, i) for i in range(start, start + count)]
+    return [scene_at(seed, i, unsaid_position_rate) for i in range(start, start + count)]
 
 
-def heldout_scenes() -> list[Scene]:
+def heldout_scenes(unsaid_positions: bool = False) -> list[Scene]:
     """The fixed evaluation set: 32 one-object then 32 two-object scenes, none of which `scene_at` produces
-    (in either object order)."""
-    return list(_heldout())
+    (in either object order). unsaid_positions: the one-object prompts leave their cell unsaid."""
+    if not unsaid_positions:
+        return list(_heldout())
+    return [Scene((dataclasses.replace(s.objects[0], position_said=False),)) if len(s.objects) == 1 else s
+            for s in _heldout()]
+
+
+def place_unsaid(scene_list: Sequence[Scene], seed: int) -> list[Scene]:
+    """The scenes with every unsaid cell redrawn uniformly among those the scene leaves free: renders of
+    these are samples of what the prompts ask for (a held-out scene fixes one cell the prompt does not)."""
+    placed = []
+    for i, scene in enumerate(scene_list):
+        taken = {o.position for o in scene.objects if o.position_said}
+        objects = []
+        for k, o in enumerate(scene.objects):
+            if not o.position_said:
+                free = [p for p in POSITIONS if p not in taken]
+                o = dataclasses.replace(o, position=free[_hash64(seed, i, k) % len(free)])
+                taken.add(o.position)
+            objects.append(o)
+        placed.append(Scene(tuple(objects)))
+    return placed
 
 
 @cache
@@ -254,6 +302,9 @@ def render_batch(scenes: Sequence[Scene], size: int = 32, seed: int | None = Non
     the seed of every object's shift (uniform, at most MAX_JITTER * size per axis)."""
     if size < 8:
         raise ValueError(f"image size {size} is too small to draw shapes; expected at least 8 pixels")
+    if any(o.position is None for scene in scenes for o in scene.objects):
+        raise ValueError("a scene to render has an object with no cell (parsed from a prompt that leaves it "
+                         "unsaid); expected every cell, as place_unsaid gives")
     images = np.empty((len(scenes), size, size, 3), np.float32)
     jitter = (np.zeros((len(scenes), 2, 2), np.float32) if seed is None else
               np.random.default_rng(seed).uniform(-1, 1, (len(scenes), 2, 2)).astype(np.float32) * MAX_JITTER * size)

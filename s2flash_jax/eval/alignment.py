@@ -146,7 +146,8 @@ def score(images: np.ndarray, scenes: Sequence[Scene]) -> dict[str, float]:
 
     Per prompted object (over all objects of all images): "colour" (an object of its colour is
     there), "shape", "size", "position" (the largest object of its colour has that attribute; a
-    missing object is wrong on all). Per image: "count" (as many objects detected as prompted) and
+    missing object is wrong on all; an object whose prompt leaves its cell unsaid has no position
+    to be wrong about). Per image: "count" (as many objects detected as prompted) and
     "prompt" (every object found with every attribute right, and the count right). Each in [0, 1].
     """
     if len(images) != len(scenes):
@@ -161,7 +162,7 @@ def score(images: np.ndarray, scenes: Sequence[Scene]) -> dict[str, float]:
             # detect_objects lists largest first, so this is the largest object of the asked colour.
             match = next((d for d in detected if d.colour == asked.colour), None)
             results["colour"].append(match is not None)
-            for attribute in ("shape", "size", "position"):
+            for attribute in ("shape", "size", "position") if asked.position_said else ("shape", "size"):
                 right = match is not None and getattr(match, attribute) == getattr(asked, attribute)
                 results[attribute].append(right)
                 all_right &= right
