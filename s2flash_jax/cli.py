@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="the built-in shapes demo: train a teacher, distil a 1-4 step student, evaluate (CPU)",
         description="Train a tiny SANA teacher with flow matching on procedural 32x32 shape images, transform it "
                     "to TrigFlow and distil a SANA-Sprint student (sCM + LADD), then sample held-out prompts with "
-                    "the teacher (20 steps) and the student (1, 2, 4 steps) and score them: grid.png, metrics.md, "
+                    "the teacher (20 steps; 1, 2, 4 for comparison) and the student (1, 2, 4 steps) and score them: grid.png, metrics.md, "
                     "metrics.json, TensorBoard logs. About 10 minutes on 2 CPU cores (estimated from its stages); resumes "
                     "when rerun.")
     demo.add_argument("--out", default="runs/shapes-demo", help="demo directory (default: runs/shapes-demo)")

@@ -13,9 +13,11 @@ Stages (each skipped when its output is complete, so an interrupted demo resumes
      with --recipe lcm-lora, LoRA adapters on a copy of the teacher learn latent consistency (LCM-LoRA);
      with --recipe sd35-flash, a 4-step student learns by distribution matching against a fake score,
      then also against an adversary on its intermediate states (SD3.5-Flash's two stages)
-  4. eval: the held-out prompts sampled by the teacher (20 guided Euler steps) and the student
+  4. eval: the held-out prompts sampled by the teacher (20 guided Euler steps; 1, 2 and 4 to show
+     what few-step sampling gives without distillation) and the student
      (1, 2, 4 steps, S2-Flash's and LCM-LoRA's 1, 5, 8; and 1 step before distillation), read back by the analytic
-     checker, compared with real renders by a Fréchet distance, timed.
+     checker, compared with real renders by a Fréchet distance, timed. With --unsaid-positions the
+     prompts sometimes leave an object's cell unsaid (shapes.py), so a caption maps to many images.
 
 OUT/
   data/  text_encoder/  feature_net/            shared inputs (prompts/: captions only, for TBCM)
@@ -59,6 +61,7 @@ DATA_SEED = 0
 STUDENT_STEPS = (1, 2, 4)
 TEACHER_STEPS = 20
 GRID_PROMPTS = 8
+BEFORE_DISTILLATION = "student before distillation, 1 step"
 UNSAID_POSITION_RATE = 0.25  # with --unsaid-positions: the share of training objects whose cell the prompt leaves out
 IMAGE_SIZE = 32
 
@@ -237,19 +240,23 @@ def _evaluate(out: Path, teacher_ckpt: Path, students: dict[str, Path], configs:
               steps: dict[str, tuple[int, ...]], feature_net, size: DemoSize, unsaid_positions: bool) -> dict:
     """students, configs, steps: row label -> checkpoint, the config that trained it, the step counts
     it is sampled at. The first recipe's student also gets a row before any update: where its
-    distillation starts."""
+    distillation starts; and the teacher rows at STUDENT_STEPS: what few-step sampling gives without
+    distillation. Neither is drawn in the grid."""
     teacher = TextToImage.load(teacher_ckpt)
     loaded = {label: TextToImage.load(ckpt) for label, ckpt in students.items()}
     first = next(iter(students))
     _, initial, _ = create_train_state(configs[first], make_mesh(configs[first].mesh))
     before = dataclasses.replace(loaded[first], params=product_params(initial, "student"))
 
-    rows = {"reference renders": (None, 0)} | {f"teacher, {TEACHER_STEPS} steps": (teacher, TEACHER_STEPS),
-                                               "student before distillation, 1 step": (before, 1)}
+    few_step_teacher = student_rows("teacher", teacher)
+    not_drawn = {*few_step_teacher, BEFORE_DISTILLATION}
+    rows = ({"reference renders": (None, 0), f"teacher, {TEACHER_STEPS} steps": (teacher, TEACHER_STEPS)}
+            | few_step_teacher | {BEFORE_DISTILLATION: (before, 1)})
     for label, student in loaded.items():
         rows |= student_rows(label, student, steps[label])
     results, grid_columns, prompts = score_models(rows, feature_net, size.samples_per_prompt, unsaid_positions)
-    _sample_grid(prompts[:GRID_PROMPTS], grid_columns).save(out / "grid.png")
+    _sample_grid(prompts[:GRID_PROMPTS], {label: images for label, images in grid_columns.items()
+                                          if label not in not_drawn}).save(out / "grid.png")
     _log_scalars(out / "tensorboard", results)
     return {"models": results, "heldout_prompts": len(prompts) // size.samples_per_prompt,
             "samples_per_prompt": size.samples_per_prompt, "teacher_steps_trained": _run_steps(out / "teacher")}
@@ -298,7 +305,7 @@ def _run_steps(run_dir: Path) -> int:
 
 def _sample_grid(prompts: list[str], columns: dict[str, np.ndarray], scale: int = 3) -> Image.Image:
     """Rows: prompts (their text on the left); columns: one per model, headed by its label."""
-    labels = [label for label in columns if "before" not in label]
+    labels = list(columns)
     cell = next(iter(columns.values())).shape[1] * scale
     text_width, header, gap = 330, 28, 4
     grid = Image.new("RGB", (text_width + len(labels) * (cell + gap), header + len(prompts) * (cell + gap)), "white")
