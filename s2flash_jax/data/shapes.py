@@ -138,25 +138,19 @@ def parse_prompt(text: str) -> Scene:
 def _parse_object(words: list[str], text: str) -> ShapeObject:
     """One object from the words of 'a {size} {colour} {shape} [at the {position}]'."""
     part = " ".join(words) or "(nothing)"
-    if len(words) == 4:  # no cell named: any will do
-        words = words + ["at", "the"]
-        position_said = False
-    else:
-        position_said = True
-    expected = [("'a'", ("a",)), ("a size", SIZES), ("a colour", tuple(COLOURS)), ("a shape", SHAPES),
-                ("'at'", ("at",)), ("'the'", ("the",))]
+    said = len(words) != 4  # 'a {size} {colour} {shape}' alone names no cell: any will do
+    expected = [("'a'", ("a",)), ("a size", SIZES), ("a colour", tuple(COLOURS)), ("a shape", SHAPES)]
+    expected += [("'at'", ("at",)), ("'the'", ("the",))] if said else []
     for i, (what, allowed) in enumerate(expected):
         if i >= len(words) or words[i] not in allowed:
             found = repr(words[i]) if i < len(words) else "the end of the object"
             raise ValueError(f"in {part!r} of prompt {text!r}: found {found} where {what} ({'/'.join(allowed)}) "
                              f"belongs; expected {GRAMMAR}")
-    position = " ".join(words[len(expected):])
-    if not position_said:
-        return ShapeObject(colour=words[2], shape=words[3], size=words[1], position=None, position_said=False)
-    if position not in POSITIONS:
+    position = " ".join(words[len(expected):]) if said else None
+    if said and position not in POSITIONS:
         raise ValueError(f"in {part!r} of prompt {text!r}: {position or '(nothing)'!r} is not a position; "
                          f"expected one of {list(POSITIONS)}")
-    return ShapeObject(colour=words[2], shape=words[3], size=words[1], position=position)
+    return ShapeObject(colour=words[2], shape=words[3], size=words[1], position=position, position_said=said)
 
 
 # --- scenes ----------------------------------------------------------------------------------
