@@ -24,6 +24,7 @@ from s2flash_jax.precision import Precision
 from s2flash_jax.recipes.s2flash import S2FlashConfig
 from s2flash_jax.recipes.sana_sprint import SanaSprintConfig
 from s2flash_jax.recipes.sd35_flash import SD35FlashConfig
+from s2flash_jax.train.state import RANDOM_TEACHER
 
 STUDENT = SanaConfig(
     in_channels=4,
@@ -60,7 +61,9 @@ def get_config(arg=None):
         model=model, teacher=teacher, recipe=recipe,
         precision=Precision(param_dtype="float32", compute_dtype="float32"),
         sample=SampleConfig(steps=4, batch_size=4, height=8, width=8),
+        # A smoke config: its distillations start from a random teacher unless given one.
         train=TrainConfig(steps=100, batch_size=8, learning_rate=1e-4, log_every=10, checkpoint_every=50,
+                          teacher_checkpoint="" if teacher is None else RANDOM_TEACHER,
                           trainable=(ADAPTER_PATTERN,) if recipe == "lcm" else ()),
         data=DataConfig(caption_length=8),
         # Two teacher blocks: one head on each; warm-up short enough to be seen in a smoke run.

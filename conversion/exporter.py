@@ -39,6 +39,7 @@ from s2flash_jax.models.layers import LoRA
 from s2flash_jax.models.lora import ADAPTER_NAMES, folded_kernel
 from s2flash_jax.models.sana import SanaConfig
 from s2flash_jax.outputs import fresh_output_dir
+from s2flash_jax.storage import resolve
 # A quantized checkpoint's parameters read as the dequantized model's; a float checkpoint's as stored.
 from s2flash_jax.quantize import dequantized_stored_params, read_dequantized_params
 
@@ -257,7 +258,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, dtype: str | None = 
     fp16, bf16, or None to keep the stored dtypes), or with `pipeline` (a SanaPipeline folder of the
     teacher) as a pipeline folder whose transformer/ is the checkpoint's: a SanaSprintPipeline for a
     student (guidance_embeds), a SanaPipeline for a flow model (see PIPELINE_KINDS)."""
-    ckpt, out = Path(ckpt), Path(out)
+    ckpt, out = resolve(ckpt), resolve(out)
     numpy_dtype = export_dtype(dtype)
     config = read_exportable_config(ckpt)
     kind = PIPELINE_KINDS[config.guidance_embeds]

@@ -27,6 +27,7 @@ from conversion.sources import (DIFFUSERS, SANA, TensorSource, check_format, che
 from s2flash_jax.model_checkpoint import save_model
 from s2flash_jax.models.sana import SanaConfig
 from s2flash_jax.outputs import refuse_existing_output
+from s2flash_jax.storage import resolve
 
 NULL_CAPTION_FILE = "null_caption.npy"
 
@@ -187,7 +188,7 @@ def prepare_source(src: str | Path, source_format: str, config: str | None = Non
     one preset that fits, which exists only for Sprint students)."""
     if source_format not in (DIFFUSERS, SANA):
         raise ConversionError(f"--format {source_format!r}: expected {DIFFUSERS} or {SANA}")
-    src = Path(src)
+    src = resolve(src)
     check_format(src, source_format)
     return (_prepare_diffusers if source_format == DIFFUSERS else _prepare_original)(src, config)
 
@@ -196,7 +197,7 @@ def import_checkpoint(src: str | Path, source_format: str, out: str | Path, *, c
                       force: bool = False) -> ImportResult:
     """Convert `src` (a diffusers transformer folder or an original SANA .pth/.safetensors) into an
     s2flash model checkpoint at `out`; see prepare_source for `config`."""
-    out = Path(out)
+    out = resolve(out)
     prepared = prepare_source(src, source_format, config)
     refuse_existing_output(out, force=force)  # before the (long) read; save_model checks again
     flat = read_source_params(prepared.tensors, prepared.plan, prepared.config)

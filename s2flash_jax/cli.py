@@ -9,7 +9,6 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
 import jax
 
@@ -17,6 +16,7 @@ from s2flash_jax.config import ConfigError, load_config
 from s2flash_jax.data.precompute import add_precompute_arguments, run_precompute
 from s2flash_jax.eval.run import add_eval_arguments
 from s2flash_jax.outputs import OutputExists
+from s2flash_jax.storage import StorageError, resolve
 from s2flash_jax.train.metrics import DEVICE_MEMORY
 
 
@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "Every process of a multi-host job runs the same command; the job is joined from "
                     "S2FLASH_COORDINATOR/S2FLASH_NUM_PROCESSES/S2FLASH_PROCESS_ID or the cluster environment.")
     _add_config_args(train)
-    train.add_argument("--out", required=True, help="run directory")
+    train.add_argument("--out", required=True, help="run directory (a local path or gs:// / s3:// URI)")
+    train.add_argument("--mesh", default="", metavar="data=..,fsdp=..,tensor=..",
+                       help="mesh axis sizes (one may be -1), as mesh.* overrides; unset axes keep the config's")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out from its newest checkpoint that restores (step 0 if none)")
     train.add_argument("--force", action="store_true", help="delete an existing run directory and start over")
@@ -158,10 +160,46 @@ def build_parser() -> argparse.ArgumentParser:
                     "metrics.json; --export also writes the images in the layout the official GenEval / MJHQ "
                     "evaluators read. Every file is local: see docs/evaluation.md.")
     add_eval_arguments(evaluate)
+    _add_export_parser(commands)
     _add_convert_parser(commands)
     _add_quantize_parser(commands)
     _add_merge_parser(commands)
     return parser
+
+
+def _add_export_parser(commands) -> None:
+    export = commands.add_parser(
+        "export", help="a training run's product -> model checkpoint and/or diffusers folder, on one host",
+        description="Restore the product of a run directory (the student, or a flow-matching run's model; its EMA "
+                    "when the run keeps one) from its newest checkpoint (or --step) onto this host's devices and write "
+                    "it as a model checkpoint (--model) and/or a diffusers transformer or pipeline folder "
+                    "(--diffusers, as `s2flash convert export` writes). Works on runs trained by any number of "
+                    "processes: only the product's weights are read. Runs in one process.")
+    export.add_argument("run_dir", help="the run directory (`s2flash train --out`)")
+    export.add_argument("--model", default=None, metavar="CKPT", help="model checkpoint directory to write")
+    export.add_argument("--diffusers", default=None, metavar="DIR", help="diffusers folder to write")
+    export.add_argument("--step", type=int, default=None, help="the checkpoint step to export (default: the newest)")
+    export.add_argument("--components-from", default=None, metavar="CKPT",
+                        help="model checkpoint whose text encoder / autoencoder the export carries (default: the "
+                             "run's train.teacher_checkpoint, when it has them)")
+    export.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                        help="(--diffusers) weight dtype (default: as trained)")
+    export.add_argument("--pipeline", default=None, metavar="TEACHER_PIPELINE_DIR",
+                        help="(--diffusers) write a whole diffusers pipeline with this pipeline's VAE, text encoder "
+                             "and tokenizer, as `s2flash convert export --pipeline`")
+    export.add_argument("--force", action="store_true", help="replace existing outputs")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from s2flash_jax.train.export import export_run
+
+    result = export_run(args.run_dir, model=args.model, diffusers=args.diffusers, step=args.step,
+                        components_from=args.components_from, dtype=args.dtype, pipeline=args.pipeline,
+                        force=args.force)
+    written = " and ".join(str(p) for p in (result.model, result.diffusers) if p is not None)
+    print(f"exported the {result.product} ({'EMA' if result.ema else 'trained'} weights) of {args.run_dir} at step "
+          f"{result.step} to {written}")
+    return 0
 
 
 def _add_quantize_parser(commands) -> None:
@@ -292,7 +330,7 @@ def _run_convert(args: argparse.Namespace) -> int:
 def _prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file:
-        path = Path(args.prompts_file)
+        path = resolve(args.prompts_file)
         if not path.is_file():
             raise ConfigError(f"--prompts-file {str(path)!r} does not exist")
         from_file = [line.strip() for line in path.read_text().splitlines() if line.strip()]
@@ -308,7 +346,7 @@ def _sana_components(args: argparse.Namespace) -> tuple[dict, dict]:
     """(components, sources): --text-encoder and --vae loaded by conversion/'s readers (imported here only;
     they read safetensors and tokenizer.json themselves, so no torch), and the paths they came from."""
     for flag, path in (("--text-encoder", args.text_encoder), ("--vae", args.vae)):
-        if path is not None and not Path(path).exists():
+        if path is not None and not resolve(path).exists():
             raise ConfigError(f"{flag} {path!r} does not exist")
     from s2flash_jax.model_checkpoint import read_metadata
     from s2flash_jax.precision import FP32
@@ -374,10 +412,12 @@ def main(argv: list[str] | None = None) -> int:
             return _run_quantize(args)
         if args.command == "merge":
             return _run_merge(args)
+        if args.command == "export":
+            return _run_export(args)
         if args.command == "demo":
             from s2flash_jax.demo import run_shapes_demo
 
-            run_shapes_demo(Path(args.out), quick=args.quick, force=args.force,
+            run_shapes_demo(args.out, quick=args.quick, force=args.force,
                             recipes=tuple(r.strip() for r in args.recipe.split(",") if r.strip()),
                             unsaid_positions=args.unsaid_positions)
             return 0
@@ -405,22 +445,26 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *mesh_overrides(args.mesh)]
         if args.command == "train":
             args.overrides = [*args.overrides, *([f"train.teacher_checkpoint={args.teacher}"] if args.teacher else []),
-                              *([f"train.init_checkpoint={args.student_init}"] if args.student_init else [])]
+                              *([f"train.init_checkpoint={args.student_init}"] if args.student_init else []),
+                              *mesh_overrides(args.mesh)]
         config = load_config(args.config, args.overrides)
         if args.command == "sample":
             from s2flash_jax.sampling import run_sample
 
             run_sample(config, args.out, force=args.force)
         elif args.command == "train":
-            from s2flash_jax.parallel.distributed import initialize
+            from s2flash_jax.outputs import refuse_existing_output
+            from s2flash_jax.parallel.distributed import describe, initialize
             from s2flash_jax.train.loop import train
 
-            initialize()
+            how = initialize()
+            if jax.process_index() == 0:
+                print(f"s2flash train: {describe(how)}", flush=True)
             if args.export and jax.process_count() > 1:
-                raise ConfigError("--export runs in one process for now; export a multi-host run's checkpoint "
-                                  "from one process afterwards")
-            if args.export and Path(args.export).exists() and not args.force:
-                raise OutputExists(f"--export {args.export!r} already exists; pass --force to replace it")
+                raise ConfigError("--export runs in one process; export a multi-host run afterwards with "
+                                  "`s2flash export RUN_DIR` on one host")
+            if args.export:
+                refuse_existing_output(args.export, force=args.force)
             result = train(config, args.out, resume=args.resume, force=args.force, stop_after=args.stop_after,
                            fork_from=args.fork)
             if args.export and result.step == config.train.steps:
@@ -439,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.config} on {args.devices} x {args.device_kind}, mesh {plan.mesh}, "
                   f"global batch {config.train.batch_size}:")
             print(plan.table())
-    except (ConfigError, OutputExists, *_input_errors()) as e:
+    except (ConfigError, OutputExists, StorageError, *_input_errors()) as e:
         print(f"s2flash {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -11,6 +11,7 @@ import collections.abc
 import dataclasses
 import difflib
 import importlib.util
+import json
 import types
 import typing
 from collections.abc import Sequence
@@ -74,7 +75,9 @@ class TrainConfig:
     ema_decay: 0 keeps no EMA student; otherwise ema = decay·ema + (1-decay)·student after every
       student update. teacher_dtype: "bfloat16" stores the frozen teacher in half the memory.
     teacher_checkpoint: a model checkpoint (s2flash_jax/model_checkpoint.py) holding the teacher to
-      distil from, with config.teacher's architecture (empty: random weights, for smoke runs).
+      distil from, with config.teacher's architecture; a local path or a gs:// / s3:// URI. A
+      distillation refuses to start without one; "random" asks for a randomly initialised teacher
+      (smoke runs, benchmarks).
     init_checkpoint: a model checkpoint with config.model's architecture holding the starting
       weights of the trained network (the student of a distillation, the model of flow matching);
       `s2flash train --student-init`. When set, init_student_from_teacher is not used.
@@ -209,6 +212,56 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> Config:
     if not isinstance(config, Config):
         raise ConfigError(f"{path_str}: get_config returned {type(config).__name__}, expected s2flash_jax.config.Config")
     return apply_overrides(config, overrides)
+
+
+RUN_CONFIG = "config.json"  # a run directory's resolved config (train/loop.py writes it)
+
+
+def config_from_json(data: dict[str, Any]) -> Config:
+    """The Config whose `dataclasses.asdict` JSON is `data` (a run directory's config.json); keys the
+    current code does not know are an error naming them."""
+    try:
+        return _dataclass_from_json(Config, data, "")
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.json does not describe a run this version can read: {e}") from e
+
+
+def read_run_config(run_dir: str | Path) -> Config:
+    """The config a run directory was trained with (its config.json)."""
+    from s2flash_jax.storage import resolve
+
+    path = resolve(run_dir) / RUN_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{str(run_dir)!r} is not a run directory: it has no {RUN_CONFIG}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    return config_from_json(data)
+
+
+def _dataclass_from_json(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise TypeError(f"{where or 'the config'} should be an object, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise TypeError(f"unknown keys {', '.join(where + k for k in unknown)}")
+    return cls(**{key: _value_from_json(hints[key], value, f"{where}{key}.") for key, value in data.items()})
+
+
+def _value_from_json(field_type: Any, value: Any, where: str) -> Any:
+    allowed = typing.get_args(field_type) if isinstance(field_type, types.UnionType) else (field_type,)
+    if value is None:
+        return None
+    for t in allowed:
+        if dataclasses.is_dataclass(t):
+            return _dataclass_from_json(t, value, where)
+        if typing.get_origin(t) in (tuple, collections.abc.Sequence) and isinstance(value, list):
+            args = [a for a in typing.get_args(t) if a is not Ellipsis] or [Any]
+            return tuple(_value_from_json(args[min(i, len(args) - 1)], v, where) for i, v in enumerate(value))
+    return value
 
 
 def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:

@@ -53,6 +53,7 @@ from s2flash_jax.models.text_encoder import FrozenTextEncoder, TextEncoderConfig
 from s2flash_jax.outputs import OutputExists
 from s2flash_jax.parallel.mesh import make_mesh
 from s2flash_jax.pipeline import TextToImage
+from s2flash_jax.storage import PathLike, is_remote, resolve
 from s2flash_jax.train.loop import STEP_MEMORY, train_and_export
 from s2flash_jax.train.state import create_train_state, product_params
 
@@ -100,7 +101,7 @@ SIZES = {"full": DemoSize(records=20_000, samples_per_prompt=4, feature_net_step
          "quick": DemoSize(records=2_048, samples_per_prompt=1, feature_net_steps=150)}
 
 
-def run_shapes_demo(out: Path, *, quick: bool = False, force: bool = False,
+def run_shapes_demo(out: PathLike, *, quick: bool = False, force: bool = False,
                     recipes: tuple[str, ...] = ("sana-sprint",), unsaid_positions: bool = False) -> dict:
     """Run (or resume) every stage into `out`, distilling with each of `recipes` (keys of RECIPES);
     returns the metrics written to metrics.json. unsaid_positions: training prompts leave each
@@ -109,6 +110,10 @@ def run_shapes_demo(out: Path, *, quick: bool = False, force: bool = False,
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown or not recipes:
         raise ConfigError(f"--recipe {','.join(recipes)!r}: expected one or more of {', '.join(RECIPES)}")
+    out = resolve(out)
+    if is_remote(out):
+        raise ConfigError(f"--out {str(out)!r}: the demo is a local run (it writes its dataset with local writers); "
+                          "give a local directory (train, export and sample take object-store paths)")
     size = SIZES["quick" if quick else "full"]
     variant = ",quick" if quick else ""
     if out.exists() and force:

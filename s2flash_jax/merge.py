@@ -28,6 +28,7 @@ from s2flash_jax.model_checkpoint import (
     save_model, stored_params)
 from s2flash_jax.outputs import OutputExists, refuse_existing_output
 from s2flash_jax.quantize import read_quantization
+from s2flash_jax.storage import resolve
 
 KEY = "merge"  # model.json key of a merged checkpoint
 WEIGHT_SUM_TOLERANCE = 1e-6
@@ -87,7 +88,7 @@ def merge_checkpoints(sources: Sequence[str | Path], out: str | Path, *, weights
     """`s2flash merge`: write Σ_i weights[i] · sources[i] as a model checkpoint at `out` (see the
     module docstring). Holds the float32 sum and one source's parameters at a time. `out` appears
     only when complete; an existing one is refused unless force, and so is a source as `out`."""
-    sources, out = tuple(Path(s) for s in sources), Path(out)
+    sources, out = tuple(resolve(s) for s in sources), resolve(out)
     if not sources:
         raise MergeError("merge needs at least one model checkpoint")
     weights = merge_weights(weights, len(sources))

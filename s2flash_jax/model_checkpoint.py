@@ -6,7 +6,8 @@ CKPT/
   ...          optional components written next to them (e.g. the shapes demo's text_encoder/)
 
 A finished run exports its product (EMA if kept) as one; `train.teacher_checkpoint` and
-`s2flash sample --ckpt` read one. The directory appears only when complete.
+`s2flash sample --ckpt` read one. The directory appears only when complete (on object storage,
+where it is uploaded file by file, model.json comes last: a directory without it is no checkpoint).
 """
 
 from __future__ import annotations
@@ -15,53 +16,55 @@ import dataclasses
 import functools
 import json
 import shutil
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from s2flash_jax.models.sana import SanaConfig
 from s2flash_jax.outputs import fresh_output_dir
+from s2flash_jax.storage import PathLike, local_copy, resolve
 
 FORMAT = "s2flash-model"
 VERSION = 1
+METADATA = "model.json"  # written last: its presence marks a complete checkpoint
 
 
 class CheckpointError(ValueError):
     """A model checkpoint that cannot be read or does not fit; the message says which and why."""
 
 
-def save_model(path: str | Path, model: SanaConfig, params: nnx.State | Mapping[str, Any], *, force: bool = False,
+def save_model(path: PathLike, model: SanaConfig, params: nnx.State | Mapping[str, Any], *, force: bool = False,
                metadata: Mapping[str, Any] | None = None,
-               write_components: Callable[[Path], None] | None = None) -> Path:
+               write_components: Callable[[epath.Path], None] | None = None) -> epath.Path:
     """Write `params` (the nnx.Param state of a SanaTransformer built from `model`, or the same as a
     nested dict of arrays in the nnx.to_pure_dict layout) to `path`.
 
     metadata: extra JSON fields for model.json. write_components(staging_dir) adds files beside the
     weights before the checkpoint appears. An existing non-empty `path` is refused unless force.
     """
-    path = Path(path)
+    path = resolve(path)
     pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
-    with fresh_output_dir(path, force=force) as staging:
+    with fresh_output_dir(path, force=force, last=(METADATA,)) as staging:
         # Uncompressed: float weights barely compress, and compressing holds an extra copy of the
         # arrays in flight (the 1.6B model's import would need two copies of its weights).
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as checkpointer:
             checkpointer.save(staging / "params", args=ocp.args.PyTreeSave(pure))
         if write_components is not None:
             write_components(staging)
-        (staging / "model.json").write_text(json.dumps(
+        (staging / METADATA).write_text(json.dumps(
             {"format": FORMAT, "version": VERSION, "model": dataclasses.asdict(model), **(metadata or {})},
             indent=2) + "\n")
     return path
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
+def read_metadata(path: PathLike) -> dict[str, Any]:
     """model.json of the checkpoint at `path`, checked to be one."""
-    meta_path = Path(path) / "model.json"
+    meta_path = resolve(path) / METADATA
     if not meta_path.is_file():
         raise CheckpointError(f"{str(path)!r} is not a model checkpoint: it has no model.json (expected a directory "
                               f"written by a finished run's export or `s2flash convert import`)")
@@ -75,25 +78,31 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def extra_metadata(path: str | Path) -> dict[str, Any]:
+def extra_metadata(path: PathLike) -> dict[str, Any]:
     """model.json's fields beyond the format and the model config (components, sampling, ...): what a
     checkpoint derived from this one carries over."""
     return {k: v for k, v in read_metadata(path).items() if k not in ("format", "version", "model")}
 
 
-def copy_components(path: str | Path) -> Callable[[Path], None]:
-    """A save_model write_components that copies the checkpoint's components (everything beside
-    model.json and params/, e.g. text_encoder/) into the new checkpoint."""
-    components = [p for p in Path(path).iterdir() if p.name not in ("model.json", "params")]
+def components(path: PathLike) -> list[epath.Path]:
+    """The checkpoint's components: everything beside model.json and params/ (e.g. text_encoder/)."""
+    return [p for p in resolve(path).iterdir() if p.name not in (METADATA, "params")]
 
-    def write(staging: Path) -> None:
-        for item in components:
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
+
+def copy_components(path: PathLike, names: Collection[str] | None = None) -> Callable[[epath.Path], None]:
+    """A save_model write_components that copies the checkpoint's components (those in `names`, or
+    all) into the new checkpoint."""
+    items = [item for item in components(path) if names is None or item.name in names]
+
+    def write(staging: epath.Path) -> None:
+        for item in items:
+            with local_copy(item) as local:
+                (shutil.copytree if local.is_dir() else shutil.copy2)(local, staging / item.name)
 
     return write
 
 
-def read_model_config(path: str | Path) -> SanaConfig:
+def read_model_config(path: PathLike) -> SanaConfig:
     model = read_metadata(path).get("model")
     try:
         return SanaConfig(**model)
@@ -101,7 +110,7 @@ def read_model_config(path: str | Path) -> SanaConfig:
         raise CheckpointError(f"{path}/model.json: its model config cannot be used: {e}") from e
 
 
-def check_architecture(path: str | Path, expected: SanaConfig, ignoring: Sequence[str] = ()) -> None:
+def check_architecture(path: PathLike, expected: SanaConfig, ignoring: Sequence[str] = ()) -> None:
     """Raise CheckpointError naming every architecture key in which the checkpoint differs (apart
     from execution keys and the keys `ignoring`)."""
     saved = read_model_config(path)
@@ -113,7 +122,7 @@ def check_architecture(path: str | Path, expected: SanaConfig, ignoring: Sequenc
         raise CheckpointError(f"model checkpoint {path} holds a different architecture: {', '.join(differing)}")
 
 
-def load_params(path: str | Path, expected: SanaConfig, abstract: nnx.State, shardings: Any = None, *,
+def load_params(path: PathLike, expected: SanaConfig, abstract: nnx.State, shardings: Any = None, *,
                 quantized: bool = False) -> nnx.State:
     """The checkpoint's parameters, laid out as `abstract` (an nnx.State of ShapeDtypeStructs or arrays)
     with `shardings` (a matching tree of shardings, or None for the default device).
@@ -136,7 +145,7 @@ def load_params(path: str | Path, expected: SanaConfig, abstract: nnx.State, sha
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            restored = checkpointer.restore(Path(path).absolute() / "params", nnx.to_pure_dict(target))
+            restored = checkpointer.restore(resolve(path) / "params", nnx.to_pure_dict(target))
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"model checkpoint {path}: its parameters cannot be restored: {e}") from e
     state = jax.tree.map(lambda x: x, abstract)  # a copy to fill in
@@ -144,16 +153,16 @@ def load_params(path: str | Path, expected: SanaConfig, abstract: nnx.State, sha
     return state
 
 
-def stored_params(path: str | Path) -> dict[str, jax.ShapeDtypeStruct]:
+def stored_params(path: PathLike) -> dict[str, jax.ShapeDtypeStruct]:
     """'/'-joined parameter path -> shape and dtype as stored, without reading any weights."""
     read_metadata(path)
     with ocp.StandardCheckpointer() as checkpointer:
-        tree = checkpointer.metadata(Path(path).absolute() / "params").item_metadata.tree
+        tree = checkpointer.metadata(resolve(path) / "params").item_metadata.tree
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {"/".join(str(k.key) for k in keys): jax.ShapeDtypeStruct(tuple(m.shape), m.dtype) for keys, m in flat}
 
 
-def read_stored_params(path: str | Path, names: Sequence[str]) -> dict[str, np.ndarray]:
+def read_stored_params(path: PathLike, names: Sequence[str]) -> dict[str, np.ndarray]:
     """Some parameters ('/'-joined paths, see stored_params) as stored, read without the others:
     streaming a checkpoint out a few parameters at a time never holds the whole model."""
     item: dict[str, Any] = {}
@@ -165,6 +174,6 @@ def read_stored_params(path: str | Path, names: Sequence[str]) -> dict[str, np.n
             node, args = node.setdefault(key, {}), args.setdefault(key, {})
         node[leaf], args[leaf] = 0, ocp.RestoreArgs(restore_type=np.ndarray)
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-        restored = checkpointer.restore(Path(path).absolute() / "params", args=ocp.args.PyTreeRestore(
+        restored = checkpointer.restore(resolve(path) / "params", args=ocp.args.PyTreeRestore(
             item=item, restore_args=restore_args, partial_restore=True))
     return {name: functools.reduce(lambda node, key: node[key], name.split("/"), restored) for name in names}

@@ -1,71 +1,95 @@
-"""Writing run outputs without losing anything: nothing overwritten unless asked, nothing half-written."""
+"""Writing run outputs without losing anything: nothing overwritten unless asked, nothing half-written.
+
+Locally an output is written in a hidden staging directory beside it and renamed into place. An
+object store has no atomic rename of a directory, so there the staging directory is local and its
+files are uploaded once it is complete, marker files (a model checkpoint's model.json) last: an
+interrupted upload leaves a directory that readers refuse as incomplete, never one they accept.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
-
 import numpy as np
+from etils import epath
 from PIL import Image
+
+from s2flash_jax.storage import PathLike, is_nonempty_dir, is_remote, resolve, upload_tree
 
 
 class OutputExists(FileExistsError):
     pass
 
 
-def refuse_existing_output(path: str | Path, *, force: bool) -> None:
+def refuse_existing_output(path: PathLike, *, force: bool) -> None:
     """OutputExists if `path` is a file or a non-empty directory and not force. Commands call it before
     long work too, so a refusal comes first, not after minutes of reading or quantizing."""
-    path = Path(path)
-    if path.exists() and (path.is_file() or any(path.iterdir())) and not force:
+    path = resolve(path)
+    if not force and (is_nonempty_dir(path) or (path.exists() and not path.is_dir())):
         raise OutputExists(f"output {str(path)!r} already exists and is not empty; pass --force to replace it")
 
 
 @contextlib.contextmanager
-def fresh_output_dir(path: str | Path, *, force: bool) -> Iterator[Path]:
-    """Yield a temporary directory that replaces `path` only if the block finishes without error.
+def fresh_output_dir(path: PathLike, *, force: bool, last: tuple[str, ...] = ()) -> Iterator[epath.Path]:
+    """Yield a local staging directory that replaces `path` only if the block finishes without error.
 
-    An existing non-empty `path` is an error unless force=True.
+    An existing non-empty `path` is an error unless force=True. last: files (relative paths) that
+    mark the directory complete, written after every other file on an object store.
     """
-    path = Path(path)
+    path = resolve(path)
     refuse_existing_output(path, force=force)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    remote = is_remote(path)
+    if not remote:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    staging = epath.Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=None if remote else path.parent))
+    uploading = False
     try:
         yield staging
+        if path.exists():
+            path.rmtree() if path.is_dir() else path.unlink()
+        if remote:
+            uploading = True
+            upload_tree(staging, path, last=last)
+        else:
+            staging.rename(path)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if uploading and path.exists():
+            path.rmtree()
         raise
-    if path.exists():
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    staging.rename(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def fresh_output_file(path: str | Path, *, force: bool) -> Iterator[Path]:
-    """Yield a temporary path that becomes `path` only if the block finishes without error.
+def fresh_output_file(path: PathLike, *, force: bool) -> Iterator[epath.Path]:
+    """Yield a local temporary path that becomes `path` only if the block finishes without error.
 
     An existing `path` is an error unless force=True.
     """
-    path = Path(path)
+    path = resolve(path)
     if path.exists() and not force:
         raise OutputExists(f"output {str(path)!r} already exists; pass --force to replace it")
     if path.is_dir():
         raise OutputExists(f"output {str(path)!r} is a directory; expected a file path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix=path.suffix, dir=path.parent)
+    remote = is_remote(path)
+    if not remote:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix=path.suffix,
+                                    dir=None if remote else path.parent)
     os.close(handle)
-    staging = Path(name)
+    staging = epath.Path(name)
     try:
         yield staging
-    except BaseException:
+        if remote:
+            path.write_bytes(staging.read_bytes())
+        else:
+            staging.replace(path)
+    finally:
         staging.unlink(missing_ok=True)
-        raise
-    staging.replace(path)
 
 
 def image_grid(images: np.ndarray, columns: int | None = None) -> Image.Image:
@@ -78,3 +102,13 @@ def image_grid(images: np.ndarray, columns: int | None = None) -> Image.Image:
         r, c = divmod(i, columns)
         grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = image
     return Image.fromarray((np.clip(grid, 0.0, 1.0) * 255).round().astype(np.uint8))
+
+
+def save_image(image: Image.Image, path: PathLike, **save_options) -> None:
+    """Write a PIL image to `path` (local or object storage; the format from its suffix), creating
+    its directory."""
+    path = resolve(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    image.save(buffer, format=Image.registered_extensions()[path.suffix.lower()], **save_options)
+    path.write_bytes(buffer.getvalue())

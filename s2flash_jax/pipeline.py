@@ -2,7 +2,7 @@
 
 `TextToImage.load(CKPT)` reads a model checkpoint whose model.json names its components:
   "text_encoder": a folder inside the checkpoint (the shapes demo's word-level encoder)
-  "autoencoder": {"kind": "space_to_depth", "factor": f, "scaling_factor": c}
+  "autoencoder": {"kind": "space_to_depth", "factor": f, "scaling_factor": c, "image_channels": n}
   "sampling": {"guidance_scale": w, "flow_shift": shift}   (defaults for generate)
 `TextToImage.load(CKPT, text_encoder=..., autoencoder=...)` takes them from elsewhere instead, e.g.
 SANA's Gemma-2 `CaptionEncoder` and `DCAutoencoder` (which conversion/ loads; `s2flash sample
@@ -25,12 +25,12 @@ import dataclasses
 import json
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
@@ -45,6 +45,7 @@ from s2flash_jax.outputs import fresh_output_dir, fresh_output_file
 from s2flash_jax.parallel.mesh import MeshConfig, batch_sharding, make_mesh, pad_rows
 from s2flash_jax.precision import FP32, Precision
 from s2flash_jax.sampling import few_step_sample
+from s2flash_jax.storage import PathLike, resolve
 
 DEFAULT_BATCH_SIZE = 256  # for checkpoints that carry their own (small) components: the shapes demo's
 # For checkpoints that name no sampling defaults: SanaSprintPipeline's (and SanaPipeline's) guidance.
@@ -132,12 +133,12 @@ class TextToImage:
             raise CheckpointError(f"the text encoder and autoencoder do not fit the transformer: {'; '.join(problems)}")
 
     @classmethod
-    def load(cls, path: str | Path, precision: Precision | None = None, *, text_encoder: TextEncoder | None = None,
+    def load(cls, path: PathLike, precision: Precision | None = None, *, text_encoder: TextEncoder | None = None,
              autoencoder: Autoencoder | None = None) -> TextToImage:
         """The checkpoint's transformer (on every device) with `text_encoder` / `autoencoder` where given,
         else the ones its model.json names. Without sampling defaults in model.json: guidance scale
         DEFAULT_GUIDANCE_SCALE, flow shift 1 (SanaSprintPipeline's schedule)."""
-        path = Path(path)
+        path = resolve(path)
         meta = read_metadata(path)
         model = read_model_config(path)
         missing = [(key, flag) for key, flag, given in (("text_encoder", "--text-encoder", text_encoder),
@@ -153,8 +154,12 @@ class TextToImage:
             if kind != "space_to_depth":
                 raise CheckpointError(f"{path}/model.json: autoencoder kind {kind!r} is not supported "
                                       f"(expected 'space_to_depth'); pass --vae")
-            autoencoder = SpaceToDepthAutoencoder(SpaceToDepthConfig(
-                factor=meta["autoencoder"]["factor"], scaling_factor=meta["autoencoder"]["scaling_factor"]))
+            fields = {k: v for k, v in meta["autoencoder"].items() if k != "kind"}
+            try:
+                autoencoder = SpaceToDepthAutoencoder(SpaceToDepthConfig(**fields))
+            except TypeError as e:
+                raise CheckpointError(f"{path}/model.json: autoencoder {fields} does not fit SpaceToDepthConfig "
+                                      f"(expected factor, scaling_factor, image_channels): {e}") from None
         own_components = text_encoder is None
         if text_encoder is None:
             text_encoder = FrozenTextEncoder.load(path / meta["text_encoder"])
@@ -263,10 +268,10 @@ class TextToImage:
         return np.concatenate(images)
 
 
-def run_sample_checkpoint(ckpt: str | Path, prompts: Sequence[str], *, out: str | Path, steps: int, seed: int = 0,
+def run_sample_checkpoint(ckpt: PathLike, prompts: Sequence[str], *, out: PathLike, steps: int, seed: int = 0,
                           guidance_scale: float | None = None, force: bool = False, batch_size: int | None = None,
                           text_encoder: TextEncoder | None = None, autoencoder: Autoencoder | None = None,
-                          sources: Mapping[str, str] | None = None) -> list[Path]:
+                          sources: Mapping[str, str] | None = None) -> list[epath.Path]:
     """`s2flash sample --ckpt`: one PNG per prompt, with the prompt and settings in its metadata.
 
     out: a .png path for a single prompt, else a directory (written whole, or not at all).
@@ -275,7 +280,7 @@ def run_sample_checkpoint(ckpt: str | Path, prompts: Sequence[str], *, out: str 
     """
     if steps < 1:
         raise PromptError(f"--steps {steps} must be >= 1")
-    out = Path(out)
+    out = resolve(out)
     single = out.suffix.lower() == ".png"
     if single and len(prompts) != 1:
         raise PromptError(f"--out {str(out)!r} is one image but {len(prompts)} prompts were given; pass a directory")
@@ -310,7 +315,7 @@ def quantize(images: np.ndarray) -> np.ndarray:
     return (np.clip(np.asarray(images, np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
-def save_png(image: np.ndarray, path: Path, prompt: str, settings: dict) -> None:
+def save_png(image: np.ndarray, path: PathLike, prompt: str, settings: dict) -> None:
     """image [H, W, 3] in [0, 1] -> a PNG carrying its prompt and sampling settings in text chunks."""
     info = PngInfo()
     info.add_text("prompt", prompt)

@@ -40,6 +40,7 @@ from s2flash_jax.outputs import OutputExists, fresh_output_dir
 from s2flash_jax.parallel.mesh import make_mesh, tree_shardings
 from s2flash_jax.train.loop import train_and_export
 from s2flash_jax.train.state import copy_shared
+from s2flash_jax.storage import resolve
 
 def prepared_architecture(source: SanaConfig, config) -> SanaConfig:
     """The teacher architecture `source` becomes: its own with the prepare_teacher section's qk_norm
@@ -154,8 +155,8 @@ def run_prepare_teacher(config: Config, source: str | Path, out: str | Path, *, 
     """Prepare the flow model at `source` into the teacher checkpoint `out` (see the module
     docstring); returns the report. config: data, mesh, precision, train.*, flow_matching.* and
     prepare_teacher.* of the fine-tuning (its model and teacher are not used)."""
-    source, out = Path(source), Path(out)
-    work = Path(work) if work is not None else out.with_name(out.name + "-work")
+    source, out = resolve(source), resolve(out)
+    work = resolve(work) if work is not None else out.with_name(out.name + "-work")
     if jax.process_count() > 1:
         raise ConfigError("prepare-teacher runs in one process for now (its checkpoint writes are single-host)")
     if out.exists() and any(out.iterdir()) and not force:

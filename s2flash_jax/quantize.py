@@ -80,6 +80,7 @@ from s2flash_jax.models.sana import SanaConfig, SanaTransformer
 from s2flash_jax.outputs import OutputExists, refuse_existing_output
 from s2flash_jax.precision import FP32, Precision
 from s2flash_jax.sampling import few_step_sample
+from s2flash_jax.storage import resolve
 
 if TYPE_CHECKING:
     from s2flash_jax.pipeline import TextToImage
@@ -333,7 +334,7 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, *, bits: int, keep: S
     """`s2flash quantize`: write the quantized model of the checkpoint `ckpt` to `out` (see the module
     docstring for the format), its components copied. keep None: DEFAULT_KEEP. `out` appears only
     when complete; an existing one is refused unless force."""
-    ckpt, out = Path(ckpt), Path(out)
+    ckpt, out = resolve(ckpt), resolve(out)
     extra = extra_metadata(ckpt)
     if out.exists() and out.resolve() == ckpt.resolve():
         raise OutputExists(f"--out {str(out)!r} is the checkpoint being quantized; write elsewhere")

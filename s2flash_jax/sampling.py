@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from s2flash_jax.flows.flow_matching import (
@@ -25,6 +25,7 @@ from s2flash_jax.flows.twinflow import any_step_sample, sampling_times
 from s2flash_jax.flows.trigflow import SIGMA_DATA, scm_sample, scm_timesteps, trigflow_from_flow_matching
 from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.outputs import fresh_output_dir, image_grid
+from s2flash_jax.storage import PathLike, resolve
 
 if TYPE_CHECKING:  # config.py imports the health checks, which sample
     from s2flash_jax.config import Config
@@ -96,8 +97,8 @@ def latent_preview(latents: np.ndarray, min_size: int = 128) -> np.ndarray:
     return rgb.repeat(scale, axis=1).repeat(scale, axis=2)
 
 
-def run_sample(config: Config, out: str | Path, *, force: bool) -> Path:
-    out = Path(out)
+def run_sample(config: Config, out: PathLike, *, force: bool) -> epath.Path:
+    out = resolve(out)
     with fresh_output_dir(out, force=force) as staging:
         start = time.perf_counter()
         model = SanaTransformer(config.model, precision=config.precision, rngs=nnx.Rngs(config.seed))

@@ -21,7 +21,6 @@ import dataclasses
 import glob
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -37,6 +36,7 @@ from s2flash_jax.data.records import (
     count_records,
     decode_record,
 )
+from s2flash_jax.storage import resolve
 
 SOURCES = ("arrayrecord", "tfds")
 
@@ -197,7 +197,8 @@ def open_source(config: DataConfig):
 
 
 def find_shards(path: str, split: str = "train") -> list[str]:
-    """The shard files `path` names: a directory (its `{split}-*.array_record`), a glob, or one file.
+    """The shard files `path` names: a directory (its `{split}-*.array_record`), a glob, or one file;
+    local or on object storage (gs://), where ArrayRecord reads them directly.
 
     A directory with an incomplete set of `-NNNNN-of-NNNNN` shards (an interrupted precompute) is refused.
     """
@@ -205,22 +206,31 @@ def find_shards(path: str, split: str = "train") -> list[str]:
         raise DataError(f"data.path is empty; expected a directory of {split}-NNNNN-of-NNNNN{SHARD_SUFFIX} "
                         "shards (from `s2flash precompute`), a glob of shard files, or data.source=tfds")
     if glob.has_magic(path):
-        paths = sorted(glob.glob(path))
+        paths = _glob(path)
         if not paths:
             raise DataError(f"data.path={path!r} matches no files; expected ArrayRecord shards")
-    elif os.path.isdir(path):
-        paths = sorted(str(p) for p in Path(path).glob(f"{split}-*{SHARD_SUFFIX}"))
+        return paths
+    where = resolve(path)
+    if where.is_dir():
+        paths = sorted(str(p) for p in where.glob(f"{split}-*{SHARD_SUFFIX}"))
         if not paths:
-            others = sorted(p.name for p in Path(path).glob(f"*{SHARD_SUFFIX}"))
+            others = sorted(p.name for p in where.glob(f"*{SHARD_SUFFIX}"))
             found = f" (it holds {', '.join(others[:5])}{', ...' if len(others) > 5 else ''})" if others else ""
             raise DataError(f"data.path={path!r} has no {split}-*{SHARD_SUFFIX} shards{found}; expected the output "
                             "directory of `s2flash precompute`, or set data.split to the shards' prefix")
         _check_shard_set_complete(paths)  # (a glob or a file may name a subset on purpose)
-    elif os.path.isfile(path):
-        paths = [path]
-    else:
-        raise DataError(f"data.path={path!r} does not exist; expected a directory of ArrayRecord shards")
-    return paths
+        return paths
+    if where.is_file():
+        return [str(where)]
+    raise DataError(f"data.path={path!r} does not exist; expected a directory of ArrayRecord shards")
+
+
+def _glob(pattern: str) -> list[str]:
+    """The files a glob names, local or on object storage (the pattern's magic in its last parts)."""
+    parts = pattern.split("/")
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root = resolve("/".join(parts[:fixed]) or ".")
+    return sorted(str(p) for p in root.glob("/".join(parts[fixed:])) if p.is_file())
 
 
 def _check_shard_set_complete(paths: Sequence[str]) -> None:

@@ -54,6 +54,7 @@ from s2flash_jax.data.records import (
     write_shards,
 )
 from s2flash_jax.outputs import OutputExists
+from s2flash_jax.storage import resolve
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 MANIFEST = "precompute.json"
@@ -284,8 +285,8 @@ def precompute(images_dir: str | Path, out_dir: str | Path, *, vae_path: str, te
     if backend == "jax" and device != "cpu":
         raise DataError(f"--device {device!r} is for the torch backend; the jax backend runs on JAX's default device")
     examples = list_examples(images_dir)
-    out_dir = Path(out_dir)
-    if Path(images_dir).resolve().is_relative_to(out_dir.resolve()):
+    out_dir = resolve(out_dir)
+    if resolve(images_dir).resolve().is_relative_to(out_dir.resolve()):
         raise DataError(f"output folder {str(out_dir)!r} contains the images folder; choose another --out")
     manifest = {
         "images": len(examples),

@@ -37,6 +37,8 @@ import msgpack
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
+from s2flash_jax.storage import resolve
+
 RECORD_FORMAT = "s2flash-record"
 RECORD_VERSION = 1
 RECORD_KEYS = ("caption_embedding", "caption_mask", "caption")  # required; "latent" is optional
@@ -176,9 +178,9 @@ def remove_temp_files(out_dir: str | os.PathLike, prefix: str) -> None:
 
 def count_records(path: str | os.PathLike) -> int:
     """Number of records in an ArrayRecord file; DataError if it is missing or not an ArrayRecord file."""
-    path = str(path)
-    if not os.path.isfile(path):
+    if not resolve(path).is_file():
         raise DataError(f"shard {path} does not exist")
+    path = str(resolve(path))
     reader = ArrayRecordReader(path)
     try:
         if not reader.ok():
@@ -303,7 +305,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def read_dataset_info(directory: str | os.PathLike) -> dict[str, Any] | None:
     """The directory's dataset_info.json, or None if it has none."""
-    path = Path(directory) / DATASET_INFO
+    path = resolve(directory) / DATASET_INFO
     if not path.is_file():
         return None
     try:

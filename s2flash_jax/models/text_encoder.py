@@ -15,18 +15,19 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx, serialization
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
 from s2flash_jax.models.layers import dense, layer_norm
 from s2flash_jax.outputs import fresh_output_dir
 from s2flash_jax.precision import FP32
+from s2flash_jax.storage import PathLike, resolve
 
 PAD, BOS = "<pad>", "<bos>"  # ids 0 and 1; the words follow from id 2
 TOKENIZER_FILE = "tokenizer.json"
@@ -111,18 +112,18 @@ class WordTokenizer:
             raise ValueError(f"prompt {prompt!r} is {len(words) + 1} tokens (<bos> + {len(words)} words); at most "
                              f"max_length={self.max_length} fit")
 
-    def save(self, directory: str | Path, *, force: bool = False) -> None:
+    def save(self, directory: PathLike, *, force: bool = False) -> None:
         """Write tokenizer.json into `directory` (replaced only with force=True, and only once written)."""
         with fresh_output_dir(directory, force=force) as staging:
             self.tokenizer.save(str(staging / TOKENIZER_FILE))
 
     @classmethod
-    def load(cls, directory: str | Path) -> WordTokenizer:
-        path = Path(directory) / TOKENIZER_FILE
+    def load(cls, directory: PathLike) -> WordTokenizer:
+        path = resolve(directory) / TOKENIZER_FILE
         if not path.is_file():
             raise ValueError(f"{str(directory)!r} has no {TOKENIZER_FILE}; expected a folder written by "
                              "WordTokenizer.save or FrozenTextEncoder.save")
-        return cls(Tokenizer.from_file(str(path)))
+        return cls(Tokenizer.from_str(path.read_text()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,7 +268,7 @@ class FrozenTextEncoder:
         ids, mask = self.tokenize(prompts)
         return np.asarray(self._embed(self.params, ids, mask)[0]), mask
 
-    def save(self, directory: str | Path, *, force: bool = False) -> None:
+    def save(self, directory: PathLike, *, force: bool = False) -> None:
         """Write tokenizer, config and weights into `directory` (replaced only with force=True, and
         only once everything is written)."""
         weights = serialization.to_bytes(nnx.to_pure_dict(nnx.state(self.encoder)))
@@ -277,8 +278,8 @@ class FrozenTextEncoder:
             (staging / WEIGHTS_FILE).write_bytes(weights)
 
     @classmethod
-    def load(cls, directory: str | Path) -> FrozenTextEncoder:
-        directory = Path(directory)
+    def load(cls, directory: PathLike) -> FrozenTextEncoder:
+        directory = resolve(directory)
         missing = [name for name in (TOKENIZER_FILE, CONFIG_FILE, WEIGHTS_FILE) if not (directory / name).is_file()]
         if missing:
             raise ValueError(f"{str(directory)!r} lacks {', '.join(missing)}; expected a folder written by "
@@ -288,7 +289,7 @@ class FrozenTextEncoder:
         return cls(WordTokenizer.load(directory), config, encoder=encoder)
 
 
-def _read_config(path: Path) -> TextEncoderConfig:
+def _read_config(path: epath.Path) -> TextEncoderConfig:
     fields = {f.name for f in dataclasses.fields(TextEncoderConfig)}
     try:
         values = json.loads(path.read_text())
@@ -300,7 +301,7 @@ def _read_config(path: Path) -> TextEncoderConfig:
     return TextEncoderConfig(**values)
 
 
-def _restore_weights(config: TextEncoderConfig, data: bytes, where: Path) -> TextEncoder:
+def _restore_weights(config: TextEncoderConfig, data: bytes, where: epath.Path) -> TextEncoder:
     """A TextEncoder of `config` holding the msgpack'd weights `data` (checked leaf by leaf)."""
     graphdef, state = nnx.split(nnx.eval_shape(lambda: TextEncoder(config, rngs=nnx.Rngs(0))))
     expected = nnx.to_pure_dict(state)

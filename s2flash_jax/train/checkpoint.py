@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
+
+from s2flash_jax.storage import PathLike, resolve
 
 
 @dataclass
@@ -39,8 +40,8 @@ class ProcessCountMismatch(ValueError):
 class RunCheckpoints:
     """Checkpoints of one run under `directory` (created if missing)."""
 
-    def __init__(self, directory: str | Path, *, keep: int, asynchronous: bool = True):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: PathLike, *, keep: int, asynchronous: bool = True):
+        self.directory = resolve(directory)
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True))

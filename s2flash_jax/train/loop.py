@@ -17,28 +17,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from s2flash_jax.config import Config
 from s2flash_jax.data.pipeline import global_batch, train_batches
 from s2flash_jax.model_checkpoint import save_model
 from s2flash_jax.models.sana import SanaTransformer
-from s2flash_jax.outputs import OutputExists, image_grid
+from s2flash_jax.outputs import OutputExists, image_grid, save_image
 from s2flash_jax.parallel.mesh import batch_sharding, make_mesh, sharded_shapes, tree_shardings
 from s2flash_jax.sampling import few_step_sample, latent_preview
+from s2flash_jax.storage import PathLike, is_nonempty_dir, resolve
 from s2flash_jax.train.checkpoint import NoCheckpointRestores, RunCheckpoints
 from s2flash_jax.train.health import HealthMonitor, held_out_batch
 from s2flash_jax.train.metrics import MetricsLogger
-from s2flash_jax.train.state import TrainState, describe_initialisation, initialiser, product_params
+from s2flash_jax.train.state import (
+    TrainState, check_teacher_source, describe_initialisation, initialiser, product_params)
 from s2flash_jax.train.step import compile_ahead, step_peak_bytes
 
 # Config keys a resumed run may change: how long, how often, and how the work is laid out.
@@ -67,14 +68,14 @@ class RunResult:
     step_peak_bytes: int = 0  # the largest compiled step's peak memory per device (train.step.step_peak_bytes)
     health: list[dict] = dataclasses.field(default_factory=list)  # this run's health checks (train/health.py)
 
-    def export(self, config: Config, path: str | Path, **save_options) -> Path:
+    def export(self, config: Config, path: PathLike, **save_options) -> epath.Path:
         """Write the run's product (its EMA, if kept) as a model checkpoint; see model_checkpoint.save_model."""
         return save_model(path, config.model, product_params(self.state, self.product), **save_options)
 
 
-def train(config: Config, out: str | Path, *, resume: bool = False, force: bool = False,
+def train(config: Config, out: PathLike, *, resume: bool = False, force: bool = False,
           stop_after: int | None = None, record_losses: bool = False, quiet: bool = False,
-          fork_from: str | Path | None = None) -> RunResult:
+          fork_from: PathLike | None = None) -> RunResult:
     """Distil for config.train.steps global steps into `out`.
 
     resume: continue from the newest checkpoint that restores (from step 0 if there is none).
@@ -86,8 +87,9 @@ def train(config: Config, out: str | Path, *, resume: bool = False, force: bool 
     config.train.steps; its data stream starts afresh. The parent's config may differ only in
     FORKABLE_KEYS. Ignored when `out` is continued (a resumed fork restores its own checkpoints).
     """
-    out = Path(out)
+    out = resolve(out)
     primary = jax.process_index() == 0
+    check_teacher_source(config)
     mesh = make_mesh(config.mesh)
     _check_batch(config, mesh)
     continuing = _check_run_dir(config, out, resume=resume, force=force)
@@ -100,7 +102,7 @@ def train(config: Config, out: str | Path, *, resume: bool = False, force: bool 
     first_batch = None if continuing else next(data_it)
     shardings = tree_shardings(setup.abstract, mesh)
     target = sharded_shapes(setup.abstract, shardings)
-    forked = _fork(config, Path(fork_from), out, target) if fork_from is not None and not continuing else None
+    forked = _fork(config, resolve(fork_from), out, target) if fork_from is not None and not continuing else None
     if not continuing and primary:
         _create_run_dir(config, out, forked)
     if jax.process_count() > 1:
@@ -110,7 +112,7 @@ def train(config: Config, out: str | Path, *, resume: bool = False, force: bool 
     restored = checkpoints.restore_newest(target, data_it) if resume else None
     if restored is None and continuing and (out / FORKED_FROM).is_file():
         # A fork stopped before its first checkpoint: it forks again, from the parent it recorded.
-        forked = _fork(config, Path(json.loads((out / FORKED_FROM).read_text())["parent"]), out, target)
+        forked = _fork(config, resolve(json.loads((out / FORKED_FROM).read_text())["parent"]), out, target)
         if primary:
             _record_fork(out, forked)
     if restored is not None:
@@ -173,10 +175,11 @@ def train(config: Config, out: str | Path, *, resume: bool = False, force: bool 
                      health=health.history if health else [])
 
 
-def train_and_export(name: str, config: Config, run_dir: Path, **export_options) -> Path:
+def train_and_export(name: str, config: Config, run_dir: PathLike, **export_options) -> epath.Path:
     """Train (or resume) the run in run_dir and export its product to run_dir/model (see
     RunResult.export for the options); skipped when that export exists. Records the run's wall time
     and step memory in run_dir/STEP_MEMORY. Returns the model checkpoint."""
+    run_dir = resolve(run_dir)
     ckpt = run_dir / "model"
     if (ckpt / "model.json").is_file():
         print(f"{name}: {ckpt} exists, skipping")
@@ -215,7 +218,7 @@ def _config_json(config: Config) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as in the saved file
 
 
-def _changed_keys(saved: Path, config: Config, allowed: tuple[str, ...]) -> list[str]:
+def _changed_keys(saved: epath.Path, config: Config, allowed: tuple[str, ...]) -> list[str]:
     """The dotted keys in which `config` differs from the config.json `saved`, apart from `allowed`
     (a key, or a prefix ending in '.')."""
     old = _flatten(json.loads(saved.read_text()))
@@ -224,9 +227,11 @@ def _changed_keys(saved: Path, config: Config, allowed: tuple[str, ...]) -> list
                   and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in allowed))
 
 
-def _check_run_dir(config: Config, out: Path, *, resume: bool, force: bool) -> bool:
+def _check_run_dir(config: Config, out: epath.Path, *, resume: bool, force: bool) -> bool:
     """Whether `out` is a run to continue; errors for a directory that may not be used as asked."""
-    if not out.exists() or not any(out.iterdir()):
+    if not is_nonempty_dir(out):
+        if out.exists() and not out.is_dir():
+            raise OutputExists(f"run directory {str(out)!r} is a file; expected a directory")
         return False
     saved = out / "config.json"
     if resume and saved.is_file():
@@ -247,15 +252,15 @@ def _check_run_dir(config: Config, out: Path, *, resume: bool, force: bool) -> b
 class _Forked:
     """Where a fork starts: its parent run directory, and the step and state restored from it."""
 
-    parent: Path
+    parent: epath.Path
     step: int
     state: TrainState
 
 
-def _fork(config: Config, parent: Path, out: Path, target: TrainState) -> _Forked:
+def _fork(config: Config, parent: epath.Path, out: epath.Path, target: TrainState) -> _Forked:
     """The newest state of the run directory `parent` that restores onto `target` (the new run's
     shapes and shardings), checked to be one `config` may continue from `out`."""
-    if parent.exists() and out.exists() and parent.resolve() == out.resolve():
+    if parent == out:
         raise RunError(f"--fork {str(parent)!r} is the run directory being written; fork into another --out")
     if not (parent / "config.json").is_file():
         raise RunError(f"cannot fork {parent}: it has no config.json, so it is not a run directory")
@@ -282,16 +287,16 @@ def _fork(config: Config, parent: Path, out: Path, target: TrainState) -> _Forke
     return _Forked(parent, restored.step, restored.state)
 
 
-def _record_fork(out: Path, forked: _Forked) -> None:
-    record = {"parent": str(forked.parent.absolute()), "step": forked.step}
+def _record_fork(out: epath.Path, forked: _Forked) -> None:
+    record = {"parent": str(forked.parent), "step": forked.step}
     (out / FORKED_FROM).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _create_run_dir(config: Config, out: Path, forked: _Forked | None = None) -> None:
+def _create_run_dir(config: Config, out: epath.Path, forked: _Forked | None = None) -> None:
     """A new run directory holding only config.json and, for a fork, FORKED_FROM (written first, so
     that a fork's directory never has a config without it). An existing one was allowed by --force."""
     if out.exists():
-        shutil.rmtree(out)
+        out.rmtree()
     out.mkdir(parents=True)
     if forked is not None:
         _record_fork(out, forked)
@@ -331,14 +336,13 @@ class _Sampler:
 
         self.sample = jax.jit(sample, out_shardings=replicated)
 
-    def write(self, state: TrainState, path: Path, logger: MetricsLogger, step: int, primary: bool) -> None:
+    def write(self, state: TrainState, path: epath.Path, logger: MetricsLogger, step: int, primary: bool) -> None:
         params = product_params(state, self.product)
         latents = np.asarray(jax.device_get(self.sample(params, state.distill.frozen["null_caption"], self.caption,
                                                         self.mask, self.noise)))
         if not primary:
             return
         grid = image_grid(latent_preview(latents), columns=1)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(path)
+        save_image(grid, path)
         if logger.writer is not None:
             logger.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")

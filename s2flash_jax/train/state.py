@@ -65,7 +65,8 @@ class Initialiser:
         read straight into their shards)."""
         train = self.config.train
         # The initial weights are read as stored: a checkpoint without LoRA adapters may start a model with them.
-        sources = {"teacher": (train.teacher_checkpoint, lambda: self.config.teacher),
+        teacher = "" if train.teacher_checkpoint == RANDOM_TEACHER else train.teacher_checkpoint
+        sources = {"teacher": (teacher, lambda: self.config.teacher),
                    "initial": (train.init_checkpoint, lambda: read_model_config(train.init_checkpoint))}
         loaded = {role: self._load(path, model(), mesh) for role, (path, model) in sources.items() if path}
         with jax.set_mesh(mesh):
@@ -76,6 +77,31 @@ class Initialiser:
         abstract = nnx.state(nnx.eval_shape(lambda: SanaTransformer(
             model, precision=self.config.precision, rngs=nnx.Rngs(0))))
         return load_params(path, model, abstract, tree_shardings(abstract, mesh))
+
+
+# train.teacher_checkpoint's value for a deliberately random teacher: smoke runs, benchmarks, tests.
+RANDOM_TEACHER = "random"
+
+
+def needs_teacher_checkpoint(config) -> bool:
+    """Whether the run would start from meaningless weights without train.teacher_checkpoint: every
+    distillation (its frozen teacher), and TwinFlow when the teacher gives the student its weights."""
+    if config.recipe == "flow_matching":
+        return False
+    if config.recipe == "twinflow":
+        return config.train.init_student_from_teacher and not config.train.init_checkpoint
+    return True
+
+
+def check_teacher_source(config) -> None:
+    """ConfigError for a run that needs a teacher checkpoint and names none: distilling from a random
+    teacher wastes a pod-day and still "trains"."""
+    if needs_teacher_checkpoint(config) and not config.train.teacher_checkpoint:
+        raise ConfigError(
+            f"recipe {config.recipe!r} distils from a teacher, but train.teacher_checkpoint is not set: pass "
+            f"--teacher CKPT (a model checkpoint from `s2flash convert import`, `s2flash prepare-teacher` or a "
+            f"flow-matching run's export), or train.teacher_checkpoint={RANDOM_TEACHER} for a smoke run with a "
+            f"randomly initialised teacher")
 
 
 def _product_optimizer(config, updates: int | None = None) -> optax.GradientTransformation:
@@ -223,7 +249,8 @@ def describe_initialisation(config) -> str:
     if train.init_checkpoint:
         return f"{config.recipe}: the trained network starts from {train.init_checkpoint}"
     if config.recipe != "flow_matching" and train.init_student_from_teacher:
-        teacher = train.teacher_checkpoint or "the randomly initialised teacher (no train.teacher_checkpoint)"
+        teacher = ("the randomly initialised teacher (train.teacher_checkpoint=random)"
+                   if train.teacher_checkpoint == RANDOM_TEACHER else train.teacher_checkpoint)
         return (f"{config.recipe}: the student starts as a copy of {teacher}"
                 + (", its guidance embedder's output layer zero" if config.model.guidance_embeds else ""))
     return f"{config.recipe}: the trained network starts from random weights (seed {config.seed})"
@@ -260,7 +287,8 @@ def initialiser(config) -> Initialiser:
     if checkpoint:
         if config.recipe == "flow_matching":
             raise CheckpointError(f"train.teacher_checkpoint is set but recipe {config.recipe!r} has no teacher")
-        check_architecture(checkpoint, config.teacher)
+        if checkpoint != RANDOM_TEACHER:
+            check_architecture(checkpoint, config.teacher)
     if config.train.init_checkpoint:
         # Adapters the checkpoint lacks start at their initialisation (B = 0: the same function).
         check_architecture(config.train.init_checkpoint, config.model,
