@@ -393,10 +393,9 @@ def _input_errors() -> tuple[type[Exception], ...]:
     from s2flash_jax.model_checkpoint import CheckpointError
     from s2flash_jax.pipeline import PromptError
     from s2flash_jax.parallel.mesh import MeshError
-    from s2flash_jax.train.checkpoint import ProcessCountMismatch
     from s2flash_jax.train.loop import RunError
 
-    return DataError, MeshError, RunError, CheckpointError, PromptError, ProcessCountMismatch
+    return DataError, MeshError, RunError, CheckpointError, PromptError
 
 
 def main(argv: list[str] | None = None) -> int:

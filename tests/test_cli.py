@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from s2flash_jax.cli import main
 from tests.conftest import REPO
@@ -53,3 +54,25 @@ def test_bad_override_fails_before_writing(tmp_path):
         "s2flash sample: error: override 'sample.stepz=2': unknown config key 'sample.stepz' "
         "(did you mean 'sample.steps'?); keys here: steps, batch_size, height, width, guidance_scale, flow_shift, seed"]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("variant", ["", ":s2flash", ":sd35_flash", ":lcm", ":twinflow"])
+def test_a_distillation_without_a_teacher_is_refused_before_any_work(tmp_path, capsys, variant):
+    """Distilling from a randomly initialised teacher "trains" and wastes a pod-day: each recipe that
+    needs a teacher names train.teacher_checkpoint / --teacher, and writes nothing."""
+    code = main(["train", "--config", f"{REPO}/configs/tiny.py{variant}", "--out", str(tmp_path / "run"),
+                 "train.teacher_checkpoint=", "data.path=/nonexistent"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "train.teacher_checkpoint is not set: pass --teacher CKPT" in err and "=random" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_flow_matching_and_a_random_teacher_on_purpose_need_no_checkpoint():
+    from s2flash_jax.config import load_config
+    from s2flash_jax.train.state import check_teacher_source
+
+    check_teacher_source(load_config(f"{REPO}/configs/tiny.py:teacher"))
+    check_teacher_source(load_config(f"{REPO}/configs/tiny.py", ["train.teacher_checkpoint=random"]))
+    twinflow_own_start = ["train.teacher_checkpoint=", "train.init_student_from_teacher=false"]
+    check_teacher_source(load_config(f"{REPO}/configs/tiny.py:twinflow", twinflow_own_start))

@@ -9,9 +9,10 @@ The order of examples is a pure function of (dataset, seed, global batch size):
 So global batch k is the concatenation, in process order, of every process's batch k, and it
 holds the same rows as batch k of a one-process run with the same global batch size: a
 multi-host run sees exactly the data of a single-host run. Only the records a process keeps are
-read and decoded (grain's MapDataset is lazy). The iterator's state (`get_state`/`set_state`,
-checkpointed by orbax through `grain.checkpoint.CheckpointSave/CheckpointRestore`) is the
-position in that stream, so a resumed run continues bit-for-bit.
+read and decoded (grain's MapDataset is lazy). A position in the stream is therefore one number,
+the global batches already taken: `train_batches(start_batch=k)` starts every process at global
+batch k, whatever the process count that took the first k. Run checkpoints record it, so a resumed
+run continues bit-for-bit, on any number of processes.
 """
 
 from __future__ import annotations
@@ -98,13 +99,16 @@ class ExampleSpec:
 
 def train_batches(config: DataConfig, *, global_batch_size: int, seed: int,
                   latent_shape: tuple[int, int, int] | None, caption_length: int, caption_dim: int,
-                  process_index: int | None = None, process_count: int | None = None) -> grain.DatasetIterator:
+                  process_index: int | None = None, process_count: int | None = None,
+                  start_batch: int = 0) -> grain.DatasetIterator:
     """An endless iterator of this process's training batches.
 
     Yields {"latents": float32 [b, H, W, C], "caption": float32 [b, L, D],
     "caption_mask": int32 [b, L]} (plus "caption_text": str [b] unless config.drop_caption_text),
     b = global_batch_size // process_count; latent_shape None: captions only (a prompts-only
-    dataset is then enough). process_index/process_count default to JAX's.
+    dataset is then enough). process_index/process_count default to JAX's. start_batch: the
+    global batches already taken (a resumed run's position); the first batch yielded is this
+    process's rows of global batch start_batch.
     Raises DataError for a missing/empty dataset or a record that does not fit the model
     (the first record is checked here, the others when read).
     """
@@ -128,7 +132,9 @@ def train_batches(config: DataConfig, *, global_batch_size: int, seed: int,
                .shuffle(seed=seed % 2**32)  # grain takes 32-bit seeds; any run seed maps to one
                .repeat()  # forever; reseeds the shuffle each epoch
                .batch(local_batch_size, drop_remainder=True))
-    dataset = dataset[process_index::process_count]
+    if start_batch < 0:
+        raise ValueError(f"start_batch={start_batch} must be >= 0")
+    dataset = dataset[start_batch * process_count + process_index::process_count]
     read_options = grain.ReadOptions(num_threads=max(1, config.prefetch_buffer),
                                      prefetch_buffer_size=config.prefetch_buffer)
     iter_dataset = dataset.to_iter_dataset(read_options)

@@ -4,7 +4,7 @@ A pod run's checkpoints hold every network and optimizer state in the shards of 
 all its processes. Exporting needs only the product (its EMA, if the run keeps one): that subtree
 alone is restored, onto this host's devices in whatever layout they allow (orbax reads any sharding
 from any writer), so a run trained on N processes exports on one with no more memory than the model
-itself. The run's data-iterator positions, which tie a resume to N processes, are not read.
+itself.
 """
 
 from __future__ import annotations

@@ -95,21 +95,24 @@ def train(config: Config, out: PathLike, *, resume: bool = False, force: bool = 
     continuing = _check_run_dir(config, out, resume=resume, force=force)
     setup = initialiser(config)  # checks the checkpoints it reads before anything is written
     _say(primary and not quiet and not resume and fork_from is None, describe_initialisation(config))
+    shardings = tree_shardings(setup.abstract, mesh)
+    target = sharded_shapes(setup.abstract, shardings)
+    checkpoints = RunCheckpoints(out / "checkpoints", keep=config.train.keep_checkpoints) if continuing else None
+    restored = checkpoints.restore_newest(target) if continuing and resume else None
+    # The data continue where the restored run's took them, whatever its process count; a fork's start afresh.
+    data_start = _data_batches(restored.meta, restored.step) if restored is not None else 0
     data_it = _data_iterator(config, config.train.batch_size, jax.process_index(), jax.process_count(),
-                             latents=setup.recipe.needs_latents)
+                             latents=setup.recipe.needs_latents, start_batch=data_start)
     # A fresh run reads its first batch (and a fork its parent's state) before writing anything, so
     # bad input leaves no run behind.
     first_batch = None if continuing else next(data_it)
-    shardings = tree_shardings(setup.abstract, mesh)
-    target = sharded_shapes(setup.abstract, shardings)
     forked = _fork(config, resolve(fork_from), out, target) if fork_from is not None and not continuing else None
     if not continuing and primary:
         _create_run_dir(config, out, forked)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("s2flash run directory ready")
-
-    checkpoints = RunCheckpoints(out / "checkpoints", keep=config.train.keep_checkpoints)
-    restored = checkpoints.restore_newest(target, data_it) if resume else None
+    if checkpoints is None:
+        checkpoints = RunCheckpoints(out / "checkpoints", keep=config.train.keep_checkpoints)
     if restored is None and continuing and (out / FORKED_FROM).is_file():
         # A fork stopped before its first checkpoint: it forks again, from the parent it recorded.
         forked = _fork(config, resolve(json.loads((out / FORKED_FROM).read_text())["parent"]), out, target)
@@ -161,7 +164,8 @@ def train(config: Config, out: PathLike, *, resume: bool = False, force: bool = 
                 if record_losses:
                     losses.append({k: float(v) for k, v in jax.device_get(metrics).items()})
                 if step == end or (config.train.checkpoint_every and step % config.train.checkpoint_every == 0):
-                    checkpoints.save(step, state, data_it, {"step": step, "config": _config_json(config)})
+                    checkpoints.save(step, state, {"step": step, "data_batches": data_start + step - start,
+                                                   "config": _config_json(config)})
                 if sampler and step % config.train.sample_every == 0:
                     sampler.write(state, out / "samples" / f"step_{step:07d}.png", logger, step, primary)
     finally:
@@ -274,7 +278,7 @@ def _fork(config: Config, parent: epath.Path, out: epath.Path, target: TrainStat
     try:
         # The state alone, not a throwaway data iterator: the fork's data starts afresh from its own
         # seed, and its processes need not match the parent's (whose data positions stay unread).
-        restored = checkpoints.restore_newest(target, None)
+        restored = checkpoints.restore_newest(target)
     except NoCheckpointRestores as e:
         raise RunError(f"cannot fork {parent}: {e}") from e
     finally:
@@ -303,14 +307,21 @@ def _create_run_dir(config: Config, out: epath.Path, forked: _Forked | None = No
     (out / "config.json").write_text(json.dumps(_config_json(config), indent=2) + "\n")
 
 
-def _data_iterator(config: Config, batch_size: int, process_index: int, process_count: int, latents: bool):
-    """The training stream of `config` in global batches of batch_size, this process's rows (captions
-    only without `latents`)."""
+def _data_iterator(config: Config, batch_size: int, process_index: int, process_count: int, latents: bool,
+                   start_batch: int = 0):
+    """The training stream of `config` in global batches of batch_size from global batch start_batch,
+    this process's rows (captions only without `latents`)."""
     m = config.model
     return train_batches(config.data, global_batch_size=batch_size, seed=config.seed,
                          latent_shape=(m.sample_size, m.sample_size, m.in_channels) if latents else None,
                          caption_length=config.data.caption_length, caption_dim=m.caption_channels,
-                         process_index=process_index, process_count=process_count)
+                         process_index=process_index, process_count=process_count, start_batch=start_batch)
+
+
+def _data_batches(meta: dict, step: int) -> int:
+    """The global batches a checkpointed run had taken from its data. Checkpoints written before the
+    position was recorded took one per step from step 0."""
+    return int(meta.get("data_batches", step))
 
 
 class _Sampler:
