@@ -316,8 +316,10 @@ def quantize(images: np.ndarray) -> np.ndarray:
 
 
 def save_png(image: np.ndarray, path: PathLike, prompt: str, settings: dict) -> None:
-    """image [H, W, 3] in [0, 1] -> a PNG carrying its prompt and sampling settings in text chunks."""
+    """image [H, W, 3] (or [H, W, 1]: greyscale) in [0, 1] -> a PNG carrying its prompt and
+    sampling settings in text chunks."""
     info = PngInfo()
     info.add_text("prompt", prompt)
     info.add_text("s2flash", json.dumps(settings))
-    Image.fromarray(quantize(image)).save(path, pnginfo=info)
+    pixels = quantize(image)
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path, pnginfo=info)

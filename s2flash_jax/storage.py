@@ -14,6 +14,7 @@ writer) write to a local staging directory that `upload_tree` copies up (outputs
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
@@ -40,7 +41,7 @@ def is_remote(path: PathLike) -> bool:
 
 def resolve(path: PathLike) -> epath.Path:
     """`path` as every command uses it: a local path made absolute, an object-store URI checked to
-    have its filesystem installed. Idempotent."""
+    have its filesystem installed and its bucket reachable (once per bucket). Idempotent."""
     text = os.fspath(path)
     if not text:
         raise StorageError("empty path; expected a local path or a gs:// / s3:// URI")
@@ -56,18 +57,38 @@ def resolve(path: PathLike) -> epath.Path:
     if importlib.util.find_spec(package) is None and importlib.util.find_spec("tensorflow") is None:
         raise StorageError(f"path {text!r} is on object storage, whose filesystem is not installed: "
                            f"pip install 's2flash-jax[{extra}]' (installs {package})")
+    _check_bucket(f"{prefix}{text[len(prefix):].split('/', 1)[0]}")
     return epath.Path(text)
+
+
+@functools.cache
+def _check_bucket(bucket: str) -> None:
+    """StorageError unless the bucket exists and these credentials can see it: said once, where the
+    path enters, instead of as a traceback from the first write minutes later."""
+    try:
+        exists = epath.Path(bucket).exists()
+    except Exception as e:  # noqa: BLE001 — whatever the client raises, the cause is the same few things
+        raise StorageError(f"cannot reach {bucket}: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+                           " (credentials: `gcloud auth application-default login` or "
+                           "GOOGLE_APPLICATION_CREDENTIALS)") from None
+    if not exists:
+        raise StorageError(f"bucket {bucket} does not exist, or these credentials cannot see it")
 
 
 def is_nonempty_dir(path: epath.Path) -> bool:
     return path.is_dir() and next(iter(path.iterdir()), None) is not None
 
 
-def _files_under(root: epath.Path) -> list[str]:
-    """Relative posix paths of the files under `root`, sorted (epath has no recursive glob on
-    object stores, so walk)."""
-    return sorted((directory / name).relative_to(root).as_posix()
-                  for directory, _, names in root.walk() for name in names)
+def files_under(root: epath.Path) -> list[str]:
+    """Relative posix paths of the files under `root`, sorted. Walks (epath has no recursive glob
+    on object stores), and takes names relative by text: on gcsfs the walk's directories come back
+    without their gs:// scheme."""
+    base = str(root).split("://", 1)[-1].rstrip("/")
+    found = []
+    for directory, _, names in root.walk():
+        relative = str(directory).split("://", 1)[-1].rstrip("/")[len(base):].strip("/")
+        found += [f"{relative}/{name}" if relative else name for name in names]
+    return sorted(found)
 
 
 def _copy_files(source: epath.Path, target: epath.Path, names: Sequence[str]) -> None:
@@ -82,8 +103,19 @@ def upload_tree(local: PathLike, remote: epath.Path, *, last: Sequence[str] = ()
     `last` after all others: readers that take a marker file (a model checkpoint's model.json) as the
     sign of a complete directory never see one before the files it vouches for."""
     local = epath.Path(local)
-    files = _files_under(local)
+    files = files_under(local)
     _copy_files(local, remote, [n for n in files if n not in last] + [n for n in last if n in files])
+
+
+def move_tree(source: epath.Path, target: epath.Path) -> None:
+    """Move the directory `source` to `target` (which must not exist): a rename on local disk; on an
+    object store, which has no directories to rename, each file copied and then the source removed."""
+    if not is_remote(source) and not is_remote(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+        return
+    _copy_files(source, target, files_under(source))
+    source.rmtree()
 
 
 @contextmanager
@@ -98,7 +130,7 @@ def local_copy(path: epath.Path) -> Iterator[epath.Path]:
     try:
         target = staging / path.name
         if path.is_dir():
-            _copy_files(path, target, _files_under(path))
+            _copy_files(path, target, files_under(path))
         else:
             target.write_bytes(path.read_bytes())
         yield target

@@ -52,10 +52,15 @@ def test_resume_equals_uninterrupted_and_a_damaged_checkpoint_falls_back(dataset
     # The newest checkpoint (step 3) is damaged: reported, and the run goes on from step 2.
     for blob in (tmp_path / "damaged" / "checkpoints" / "3" / "state").rglob("d/*"):
         blob.write_bytes(b"not a checkpoint")
-    again = train(config, tmp_path / "damaged", resume=True, record_losses=True, quiet=True)
+    # Checkpointing every step, the resumed run saves step 3 again.
+    again = train(tiny(dataset, "train.checkpoint_every=1"), tmp_path / "damaged", resume=True, record_losses=True,
+                  quiet=True)
     assert "checkpoints/3 could not be restored" in capsys.readouterr().err
     assert again.losses == whole.losses[2:]
     assert_states_equal(again.state, whole.state)
+    # The damaged step was moved aside, kept, so that the resumed run could save its own step 3.
+    assert (tmp_path / "damaged" / "checkpoints-damaged" / "3" / "state").is_dir()
+    assert sorted(p.name for p in (tmp_path / "damaged" / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3", "4"]
 
 
 def test_step_updates_ema_and_skips_non_finite_updates(dataset):

@@ -6,7 +6,7 @@ written), atomic (a step directory only counts once orbax has committed it) and 
 arrays carry the *new* run's shardings, so a checkpoint saved on one mesh restores onto any other,
 by any number of processes: the data position is one global number in the metadata
 (`data_batches`, see data/pipeline.py), not a per-process iterator state. A checkpoint that fails
-to restore is reported and the one before it is used.
+to restore is reported, moved aside to `<directory>-damaged/<step>`, and the one before it is used.
 """
 
 from __future__ import annotations
@@ -15,9 +15,12 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
-from s2flash_jax.storage import PathLike, resolve
+from s2flash_jax.storage import PathLike, move_tree, resolve
 
 
 @dataclass
@@ -57,13 +60,29 @@ class RunCheckpoints:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
             except Exception as e:  # noqa: BLE001 — any failure means this step is unusable
+                aside = self._set_aside(step)
                 print(f"checkpoint {self.directory / str(step)} could not be restored "
-                      f"({type(e).__name__}: {_first_line(e)}); trying the one before it", file=sys.stderr)
+                      f"({type(e).__name__}: {_first_line(e)}); moved it to {aside}, trying the one before it",
+                      file=sys.stderr)
                 continue
             return Restored(step, restored.state, restored.meta)
         if steps:
             raise NoCheckpointRestores(f"none of the checkpoints {steps} in {self.directory} could be restored")
         return None
+
+    def _set_aside(self, step: int) -> epath.Path:
+        """Move a step that does not restore out of orbax's sight, kept for inspection: left in place,
+        the resumed run would retrain up to its step and then fail to save over it."""
+        aside = self.directory.parent / f"{self.directory.name}-damaged" / str(step)
+        if jax.process_index() == 0:
+            n = 1
+            while aside.exists():
+                aside, n = aside.with_name(f"{step}.{n}"), n + 1
+            move_tree(self.directory / str(step), aside)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
+        self.manager.reload()
+        return aside
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
