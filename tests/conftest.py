@@ -18,8 +18,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 # Modules that take minutes (compiling and training on several fake devices, the quick demo): run
 # first, so that the two CI workers (pyproject: --dist loadscope, one module per worker at a time)
 # end together instead of one waiting on a long module at the end.
-LONG_MODULES = ("test_train_sharded.py", "test_demo.py", "test_object_storage.py", "test_relative_paths.py", "test_health.py", "test_prepare_teacher.py",
-                "test_distributed.py", "test_sd35_flash.py", "test_fork.py", "test_train.py", "test_mesh.py",
+LONG_MODULES = ("test_train_sharded.py", "test_demo.py", "test_object_storage.py", "test_relative_paths.py",
+                "test_health.py", "test_prepare_teacher.py", "test_distributed.py", "test_sd35_flash.py", "test_fork.py", "test_train.py", "test_mesh.py",
                 "test_plan.py")
 
 
