@@ -148,3 +148,21 @@ def test_schedule_warms_up_then_decays_over_the_networks_own_updates(kind):
     np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(50)], [0.0, 5e-4, 1e-3, 1e-5],
                                rtol=1e-5, atol=1e-12)
     np.testing.assert_allclose(schedule(30), 1e-5 + 0.5 * (1e-3 - 1e-5), rtol=1e-5)  # half-way: both kinds
+
+
+def test_resume_from_the_command_line_past_a_damaged_checkpoint_and_again(dataset, tmp_path, capsys):
+    """`train --resume` after the newest checkpoint was damaged: one warning naming it and where it
+    went, the run finishes from the one before (saving the damaged step anew), and a second rerun
+    finds a complete run with nothing to trip over."""
+    out = tmp_path / "run"
+    common = [f"data.path={dataset}", *RUN, "train.checkpoint_every=1"]
+    assert run_cli("--out", out, "--stop-after", "3", *common) == 0
+    for blob in (out / "checkpoints" / "3" / "state").rglob("d/*"):
+        blob.write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    assert run_cli("--out", out, "--resume", *common) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "could not be restored" in line]
+    assert len(warnings) == 1 and "checkpoints/3" in warnings[0] and "checkpoints-damaged/3" in warnings[0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit())[-1] == "4"
+    assert run_cli("--out", out, "--resume", *common) == 0
+    assert "could not be restored" not in capsys.readouterr().err
