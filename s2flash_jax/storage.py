@@ -31,7 +31,8 @@ PathLike = str | os.PathLike
 
 
 class StorageError(ValueError):
-    """A path that cannot be used: an unknown scheme or a filesystem that is not installed."""
+    """A path that cannot be used: an unknown scheme, a filesystem that is not installed, or a bucket
+    that does not exist or cannot be reached."""
 
 
 def is_remote(path: PathLike) -> bool:

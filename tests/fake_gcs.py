@@ -71,34 +71,36 @@ def _with_precondition(handler, target):
     return checked
 
 
-def _with_offsets(ls):
-    @functools.wraps(ls)
-    def listing(request, response, storage, *args, **kwargs):
-        ls(request, response, storage, *args, **kwargs)
-        start, end = _query(request, "startOffset"), _query(request, "endOffset")
-        if response.status != HTTPStatus.OK or (start is None and end is None):
-            return
-        inside = lambda name: (start is None or name >= start) and (end is None or name < end)  # noqa: E731
-        body = json.loads(response._content)
-        body["items"] = [item for item in body.get("items") or [] if inside(item["name"])]
-        body["prefixes"] = [prefix for prefix in body.get("prefixes") or [] if inside(prefix)]
-        response.json(body)
+def _then(handler, amend):
+    """`handler`, its answer then amended by amend(request, response, storage)."""
 
-    listing.s2flash_patched = True
-    return listing
+    @functools.wraps(handler)
+    def amended(request, response, storage, *args, **kwargs):
+        handler(request, response, storage, *args, **kwargs)
+        amend(request, response, storage)
+
+    amended.s2flash_patched = True
+    return amended
 
 
-def _with_generation(download):
-    @functools.wraps(download)
-    def download_with_generation(request, response, storage, *args, **kwargs):
-        download(request, response, storage, *args, **kwargs)
-        if response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
-            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
-            response["x-goog-generation"] = str(obj["generation"])
-            response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+def _keep_key_range(request, response, storage) -> None:
+    """A listing's items and prefixes within [startOffset, endOffset)."""
+    start, end = _query(request, "startOffset"), _query(request, "endOffset")
+    if response.status != HTTPStatus.OK or (start is None and end is None):
+        return
+    inside = lambda name: (start is None or name >= start) and (end is None or name < end)  # noqa: E731
+    body = json.loads(response._content)
+    body["items"] = [item for item in body.get("items") or [] if inside(item["name"])]
+    body["prefixes"] = [prefix for prefix in body.get("prefixes") or [] if inside(prefix)]
+    response.json(body)
 
-    download_with_generation.s2flash_patched = True
-    return download_with_generation
+
+def _report_generation(request, response, storage) -> None:
+    """A download's object generation headers, as GCS sends them."""
+    if response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
+        obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+        response["x-goog-generation"] = str(obj["generation"])
+        response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
 
 
 def _move(request, response, storage, *args, **kwargs):
@@ -128,8 +130,8 @@ def patch_emulator() -> None:
         return
     params = lambda *keys: lambda request: tuple(request.params[k] for k in keys)  # noqa: E731
     wrapped = {
-        objects.ls: _with_offsets(objects.ls),
-        objects.download: _with_generation(objects.download),
+        objects.ls: _then(objects.ls, _keep_key_range),
+        objects.download: _then(objects.download, _report_generation),
         objects.insert: _with_precondition(
             objects.insert, lambda r: None if _upload_name(r) is None else (r.params["bucket_name"], _upload_name(r))),
         objects.xml_upload: _with_precondition(objects.xml_upload, params("bucket_name", "object_id")),

@@ -76,3 +76,15 @@ def test_flow_matching_and_a_random_teacher_on_purpose_need_no_checkpoint():
     check_teacher_source(load_config(f"{REPO}/configs/tiny.py", ["train.teacher_checkpoint=random"]))
     twinflow_own_start = ["train.teacher_checkpoint=", "train.init_student_from_teacher=false"]
     check_teacher_source(load_config(f"{REPO}/configs/tiny.py:twinflow", twinflow_own_start))
+
+
+def test_export_refuses_what_it_cannot_export_in_one_line(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    for args, message in ((["export", str(tmp_path / "run")], "nothing to write; give --model CKPT"),
+                          (["export", str(tmp_path / "nothing"), "--model", str(tmp_path / "m")],
+                           "is not a run directory: it has no config.json")):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "m").exists()

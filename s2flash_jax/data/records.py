@@ -178,9 +178,10 @@ def remove_temp_files(out_dir: str | os.PathLike, prefix: str) -> None:
 
 def count_records(path: str | os.PathLike) -> int:
     """Number of records in an ArrayRecord file; DataError if it is missing or not an ArrayRecord file."""
-    if not resolve(path).is_file():
+    where = resolve(path)
+    if not where.is_file():
         raise DataError(f"shard {path} does not exist")
-    path = str(resolve(path))
+    path = str(where)
     reader = ArrayRecordReader(path)
     try:
         if not reader.ok():
