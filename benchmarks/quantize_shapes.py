@@ -36,7 +36,7 @@ from s2flash_jax.pipeline import TextToImage  # noqa: E402
 from s2flash_jax.precision import Precision  # noqa: E402
 from s2flash_jax.quantize import (  # noqa: E402
     DEFAULT_KEEP, layer_sensitivity, load_float_model, load_quantized, most_sensitive, param_bytes,
-    quantize_checkpoint, relative_mse, sample, sweep_inputs)
+    quantize_checkpoint, relative_mse, sample)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES_PER_PROMPT = 1  # 64 images a row: quick; the Fréchet distances are noisier than the demo's
@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
 
     prompts = [shapes.prompt(s) for s in shapes.heldout_scenes()]
     fp32 = TextToImage.load(args.ckpt)
-    inputs = sweep_inputs(fp32, prompts, steps=1)
+    inputs = fp32.sweep_inputs(prompts, steps=1)
     model = load_float_model(args.ckpt)
     sensitivity = {f"int{bits}": layer_sensitivity(model, inputs, bits) for bits in (8, 4)}
     sweep_s = time.perf_counter() - start

@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                               *mesh_overrides(args.mesh)]
         config = load_config(args.config, args.overrides)
         if args.command == "sample":
-            from s2flash_jax.sampling import run_sample
+            from s2flash_jax.random_sample import run_sample
 
             run_sample(config, args.out, force=args.force)
         elif args.command == "train":

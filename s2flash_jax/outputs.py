@@ -92,6 +92,12 @@ def fresh_output_file(path: PathLike, *, force: bool) -> Iterator[epath.Path]:
         staging.unlink(missing_ok=True)
 
 
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Images [..., C] in [0, 1] -> uint8, as written PNGs store them (metrics computed on these equal
+    metrics computed on the written files)."""
+    return (np.clip(np.asarray(images, np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
 def image_grid(images: np.ndarray, columns: int | None = None) -> Image.Image:
     """images: [N, H, W, 3] floats in [0, 1] -> one PIL image, row-major grid with 2-pixel gutters."""
     n, h, w, _ = images.shape

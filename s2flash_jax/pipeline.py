@@ -41,7 +41,7 @@ from s2flash_jax.model_checkpoint import CheckpointError, load_params, read_meta
 from s2flash_jax.models.sana import SanaConfig, SanaTransformer
 from s2flash_jax.models.space_to_depth import SpaceToDepthAutoencoder, SpaceToDepthConfig
 from s2flash_jax.models.text_encoder import FrozenTextEncoder
-from s2flash_jax.outputs import fresh_output_dir, fresh_output_file
+from s2flash_jax.outputs import fresh_output_dir, fresh_output_file, to_uint8
 from s2flash_jax.parallel.mesh import MeshConfig, batch_sharding, make_mesh, pad_rows
 from s2flash_jax.precision import FP32, Precision
 from s2flash_jax.sampling import few_step_sample
@@ -180,6 +180,18 @@ class TextToImage:
                    flow_shift=sampling.get("flow_shift", 1.0), precision=precision,
                    batch_size=DEFAULT_BATCH_SIZE if own_components else jax.device_count(), graphdef=graphdef)
 
+    def sweep_inputs(self, prompts: Sequence[str], *, seed: int = 0, steps: int = 1):
+        """What `generate(prompts, steps=steps, seed=seed)` starts from, as quantize.SweepInputs: the
+        text encoder's embeddings of `prompts`, the initial noise, guidance scale, flow shift and null
+        caption (fresh noise beyond one step comes from a fixed key, not generate's per-batch keys)."""
+        from s2flash_jax.quantize import SweepInputs
+
+        encoder = self.text_encoder
+        ids, mask = encoder.tokenize(list(prompts))
+        caption, caption_mask = encoder.embed(encoder.params, jnp.asarray(ids), jnp.asarray(mask))
+        return SweepInputs(jnp.asarray(self.noise(seed, len(prompts))), caption, caption_mask,
+                           self.guidance_scale, self.flow_shift, steps, jnp.zeros(caption.shape[1:], jnp.float32))
+
     def round_batch_size(self, batch_size: int) -> int:
         """batch_size rounded up to a multiple of the device count (each device takes an equal share)."""
         if batch_size < 1:
@@ -309,17 +321,11 @@ def run_sample_checkpoint(ckpt: PathLike, prompts: Sequence[str], *, out: PathLi
     return written
 
 
-def quantize(images: np.ndarray) -> np.ndarray:
-    """Images [..., 3] in [0, 1] -> uint8, as `save_png` stores them (metrics computed on these equal
-    metrics computed on the written files)."""
-    return (np.clip(np.asarray(images, np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)
-
-
 def save_png(image: np.ndarray, path: PathLike, prompt: str, settings: dict) -> None:
     """image [H, W, 3] (or [H, W, 1]: greyscale) in [0, 1] -> a PNG carrying its prompt and
     sampling settings in text chunks."""
     info = PngInfo()
     info.add_text("prompt", prompt)
     info.add_text("s2flash", json.dumps(settings))
-    pixels = quantize(image)
+    pixels = to_uint8(image)
     Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path, pnginfo=info)

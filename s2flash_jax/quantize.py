@@ -60,7 +60,7 @@ import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -82,8 +82,6 @@ from s2flash_jax.precision import FP32, Precision
 from s2flash_jax.sampling import few_step_sample
 from s2flash_jax.storage import resolve
 
-if TYPE_CHECKING:
-    from s2flash_jax.pipeline import TextToImage
 
 QTYPES = {8: jnp.int8, 4: jnp.int4}
 METHOD = "qwix-ptq weight-only, per-channel absmax"
@@ -389,17 +387,6 @@ class SweepInputs:
     flow_shift: float = 1.0
     steps: int = 1
     null_caption: jax.Array | None = None
-
-
-def sweep_inputs(pipeline: TextToImage, prompts: Sequence[str], *, seed: int = 0, steps: int = 1) -> SweepInputs:
-    """What `pipeline.generate(prompts, steps=steps, seed=seed)` starts from: its text encoder's
-    embeddings of `prompts`, its initial noise, guidance scale, flow shift and null caption (sample's
-    fresh noise beyond one step comes from a fixed key, not generate's per-batch keys)."""
-    encoder = pipeline.text_encoder
-    ids, mask = encoder.tokenize(list(prompts))
-    caption, caption_mask = encoder.embed(encoder.params, jnp.asarray(ids), jnp.asarray(mask))
-    return SweepInputs(jnp.asarray(pipeline.noise(seed, len(prompts))), caption, caption_mask,
-                       pipeline.guidance_scale, pipeline.flow_shift, steps, jnp.zeros(caption.shape[1:], jnp.float32))
 
 
 def sample(model: nnx.Module, inputs: SweepInputs) -> jax.Array:

@@ -1,34 +1,20 @@
-"""`s2flash sample`: few-step sampling from a SANA transformer, written to an output directory.
+"""Few-step sampling of a denoiser: the one sampler `sample`, training previews, health checks,
+quantization sweeps and evaluation share.
 
 A SANA-Sprint student (guidance embedding) is sampled as `SanaSprintPipeline` does: TrigFlow wrapper
-and multistep consistency sampling. A flow teacher is integrated with Euler steps as `SanaPipeline`
-(without guidance). Until a checkpoint format and a text encoder land, the model is randomly
-initialised from the config and conditioned on an empty (all-zero, one-token) caption.
+and multistep consistency sampling. A flow teacher is integrated with Euler steps as `SanaPipeline`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import time
-from typing import TYPE_CHECKING
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
-from flax import nnx
 
-from s2flash_jax.flows.flow_matching import (
-    classifier_free_guidance, euler_sample, standard_normal)
+from s2flash_jax.flows.flow_matching import classifier_free_guidance, euler_sample
 from s2flash_jax.flows.twinflow import any_step_sample, sampling_times
 from s2flash_jax.flows.trigflow import SIGMA_DATA, scm_sample, scm_timesteps, trigflow_from_flow_matching
 from s2flash_jax.models.sana import SanaTransformer
-from s2flash_jax.outputs import fresh_output_dir, image_grid
-from s2flash_jax.storage import PathLike, resolve
-
-if TYPE_CHECKING:  # config.py imports the health checks, which sample
-    from s2flash_jax.config import Config
 
 
 def few_step_sample(model: SanaTransformer, noise: jax.Array, caption: jax.Array, caption_mask: jax.Array | None,
@@ -69,24 +55,6 @@ def few_step_sample(model: SanaTransformer, noise: jax.Array, caption: jax.Array
     return euler_sample(guided_velocity, noise, steps, shift=flow_shift)
 
 
-def sample_latents(model: SanaTransformer, config: Config) -> jax.Array:
-    """Sample from seeded noise with an empty (one all-zero token) caption. Returns unit-scale
-    latents [B, H, W, C_out]."""
-    mcfg, scfg = model.config, config.sample
-    noise_key, sampler_key = jax.random.split(jax.random.key(scfg.seed))
-    noise = standard_normal(noise_key, (scfg.batch_size, scfg.height, scfg.width, mcfg.in_channels))
-    caption = jnp.zeros((scfg.batch_size, 1, mcfg.caption_channels))
-    caption_mask = jnp.ones((scfg.batch_size, 1), jnp.int32)
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def run(state, noise):
-        return few_step_sample(nnx.merge(graphdef, state), noise, caption, caption_mask, sampler_key,
-                               steps=scfg.steps, guidance_scale=scfg.guidance_scale, flow_shift=scfg.flow_shift)
-
-    return run(state, noise)
-
-
 def latent_preview(latents: np.ndarray, min_size: int = 128) -> np.ndarray:
     """First three latent channels, min-max scaled per image and enlarged. [B, H, W, C] -> [B, h, w, 3]."""
     rgb = latents[..., :3] if latents.shape[-1] >= 3 else np.repeat(latents[..., :1], 3, axis=-1)
@@ -95,27 +63,3 @@ def latent_preview(latents: np.ndarray, min_size: int = 128) -> np.ndarray:
     rgb = (rgb - lo) / np.maximum(hi - lo, 1e-8)
     scale = max(1, int(np.ceil(min_size / max(rgb.shape[1:3]))))
     return rgb.repeat(scale, axis=1).repeat(scale, axis=2)
-
-
-def run_sample(config: Config, out: PathLike, *, force: bool) -> epath.Path:
-    out = resolve(out)
-    with fresh_output_dir(out, force=force) as staging:
-        start = time.perf_counter()
-        model = SanaTransformer(config.model, precision=config.precision, rngs=nnx.Rngs(config.seed))
-        n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-        print(f"model: {config.model.num_layers} layers, width {config.model.inner_dim}, "
-              f"{n_params / 1e6:.2f}M parameters (random init, seed {config.seed}); built in "
-              f"{time.perf_counter() - start:.1f}s", flush=True)
-        start = time.perf_counter()
-        latents = np.asarray(jax.block_until_ready(sample_latents(model, config)))
-        elapsed = time.perf_counter() - start
-        s = config.sample
-        print(f"sampled {s.batch_size} x {s.height}x{s.width} latents in {s.steps} steps: "
-              f"{elapsed:.1f}s including compilation", flush=True)
-        if not np.isfinite(latents).all():
-            raise FloatingPointError("sampling produced non-finite latents; nothing was written")
-        np.save(staging / "latents.npy", latents)
-        image_grid(latent_preview(latents)).save(staging / "preview.png")
-        (staging / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    print(f"wrote {out}/latents.npy, preview.png, config.json", flush=True)
-    return out

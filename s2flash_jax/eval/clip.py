@@ -38,7 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
 from s2flash_jax.data.captions import FastTokenizer
-from s2flash_jax.pipeline import quantize
+from s2flash_jax.outputs import to_uint8
 from s2flash_jax.models.layers import LayerNorm, dense
 from s2flash_jax.parallel.mesh import MeshConfig, batch_sharding, make_mesh, padded_batches
 from s2flash_jax.precision import FP32, Precision
@@ -262,7 +262,7 @@ class ImagePreprocessing:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """One image [H, W, 3] (uint8, or floats in [0, 1]) -> float32 [crop_size, crop_size, 3]."""
-        u8 = image if image.dtype == np.uint8 else quantize(image)
+        u8 = image if image.dtype == np.uint8 else to_uint8(image)
         height, width = u8.shape[:2]
         short, long = min(height, width), max(height, width)
         new_short, new_long = self.size, int(self.size * long / short)

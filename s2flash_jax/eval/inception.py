@@ -44,7 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
 from s2flash_jax.parallel.mesh import MeshConfig, batch_sharding, make_mesh, padded_batches
-from s2flash_jax.pipeline import quantize
+from s2flash_jax.outputs import to_uint8
 
 INPUT_SIZE = 299  # the resolution the FID Inception was trained at, and every FID resizes to
 MIN_SIZE = 75  # smaller inputs run out of pixels before pool3
@@ -332,7 +332,7 @@ class InceptionFeatures:
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images have shape {images.shape}; expected [N, H, W, 3]")
-        u8 = images if images.dtype == np.uint8 else quantize(images)
+        u8 = images if images.dtype == np.uint8 else to_uint8(images)
         if self.resize == PYTORCH_FID or u8.shape[1:3] == (self.size, self.size):
             return u8
         return np.stack(list(self._pool.map(lambda image: pil_bicubic_resize(image, self.size), u8)))

@@ -36,7 +36,7 @@ from s2flash_jax.eval.fid import (FeatureStatistics, Statistics, StatisticsError
 from s2flash_jax.eval.inception import (CLEAN, FEATURES, INPUT_SIZE, PATCH_LAYOUTS, RESIZE_MODES, InceptionFeatures,
                                         crop_patches, patch_origins)
 from s2flash_jax.outputs import OutputExists, fresh_output_dir
-from s2flash_jax.pipeline import quantize
+from s2flash_jax.outputs import to_uint8
 
 NO_PATCHES = "none"
 
@@ -221,7 +221,7 @@ def _evaluate_setting(pipeline, kind, entries, prompts, steps, per_prompt, optio
             seconds += timings["seconds"]
             size = images.shape[1:3]
             if scorer is not None:
-                scorer.add(list(quantize(images)))
+                scorer.add(list(to_uint8(images)))
             if clip is not None:
                 clip_scores.append(clip(images, chunk))
             if exporter is not None:
