@@ -16,6 +16,7 @@ from s2flash_jax.config import ConfigError, load_config
 from s2flash_jax.data.precompute import add_precompute_arguments, run_precompute
 from s2flash_jax.eval.run import add_eval_arguments
 from s2flash_jax.outputs import OutputExists
+from s2flash_jax.recipes.registry import demo_entries, recipe_entries
 from s2flash_jax.storage import StorageError, resolve
 from s2flash_jax.train.metrics import DEVICE_MEMORY
 
@@ -134,15 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "objects' and every held-out one-object prompt's, so a sample must choose a cell "
                            "that its caption does not, and the student's 1-step start (the teacher's posterior "
                            "mean) is a haze over the cells")
+    summaries = {e.demo.name: e.summary for e in recipe_entries().values() if e.demo is not None}
     demo.add_argument("--recipe", default="sana-sprint", metavar="NAMES",
-                      help="distillation recipe(s), comma-separated, one set of rows each: sana-sprint (sCM + LADD "
-                           "on the rendered images), tbcm (image-free, on the teacher's trajectories), twinflow "
-                           "(no teacher, no discriminator: the model's own twin branch), s2flash (adversarial: "
-                           "conv heads on the teacher's blocks, R1; an 8-step student, rows at 1, 5 and 8 "
-                           "steps), lcm-lora (the LCM-LoRA baseline: LoRA adapters on a copy of the teacher, "
-                           "latent consistency distillation; rows at 1, 5 and 8 steps), sd35-flash (SD3.5-Flash's "
-                           "distribution matching against a fake score, captions only; a 4-step row); default "
-                           "sana-sprint")
+                      help="distillation recipe(s), comma-separated, one set of rows each: " + "; ".join(
+                          f"{name} ({summaries[name]}; rows at {', '.join(map(str, demo.steps))} steps"
+                          f"{', captions only' if demo.prompts_only else ''})"
+                          for name, demo in demo_entries().items()) + "; default sana-sprint")
 
     precompute = commands.add_parser(
         "precompute", help="encode an image folder with captions into training shards (DC-AE + text encoder)",

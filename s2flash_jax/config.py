@@ -19,19 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from s2flash_jax.data.pipeline import DataConfig
-from s2flash_jax.losses.lcm import LCMConfig
-from s2flash_jax.losses.twinflow import TwinFlowConfig
 from s2flash_jax.models.sana import SanaConfig
 from s2flash_jax.parallel.mesh import MeshConfig
 from s2flash_jax.precision import Precision
-from s2flash_jax.recipes.flow_matching import FlowMatchingConfig
-from s2flash_jax.recipes.s2flash import S2FlashConfig
-from s2flash_jax.recipes.sana_sprint import SanaSprintConfig
-from s2flash_jax.recipes.sd35_flash import SD35FlashConfig
-from s2flash_jax.recipes.tbcm import TBCMConfig
+from s2flash_jax.recipes.registry import recipe_entries
 from s2flash_jax.train.health import HealthConfig
 
-RECIPES = ("sana_sprint", "tbcm", "twinflow", "s2flash", "lcm", "sd35_flash", "flow_matching")
+RECIPES = tuple(recipe_entries())
 
 
 class ConfigError(ValueError):
@@ -165,10 +159,8 @@ class PrepareTeacherConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """A whole run. model is the network `sample` runs and `train` trains (the student; for the
-    flow_matching recipe, the teacher being trained); teacher is the frozen network a distillation
-    recipe distils from. recipe: one of RECIPES; its settings are the section of the same name."""
+class _RunSections:
+    """The sections every run has; Config adds one section per registered recipe."""
 
     model: SanaConfig
     recipe: str = "sana_sprint"
@@ -178,13 +170,6 @@ class Config:
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
     mesh: MeshConfig = MeshConfig()
-    sana_sprint: SanaSprintConfig = SanaSprintConfig()
-    tbcm: TBCMConfig = TBCMConfig()
-    twinflow: TwinFlowConfig = TwinFlowConfig()
-    s2flash: S2FlashConfig = S2FlashConfig()
-    lcm: LCMConfig = LCMConfig()
-    sd35_flash: SD35FlashConfig = SD35FlashConfig()
-    flow_matching: FlowMatchingConfig = FlowMatchingConfig()
     health: HealthConfig = HealthConfig()
     prepare_teacher: PrepareTeacherConfig = PrepareTeacherConfig()
     seed: int = 0
@@ -192,6 +177,18 @@ class Config:
     def __post_init__(self):
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe={self.recipe!r}; expected one of {RECIPES}")
+
+
+# One section per recipe, named as it and holding its settings (recipes/registry.py), so that a
+# recipe added to recipes/ is configurable (`sana_sprint.scm.p_mean=...`) without touching this file.
+Config = dataclasses.make_dataclass(
+    "Config", [(name, entry.settings, dataclasses.field(default=entry.settings()))
+               for name, entry in recipe_entries().items()],
+    bases=(_RunSections,), frozen=True)
+Config.__module__ = __name__
+Config.__doc__ = """A whole run. model is the network `sample` runs and `train` trains (the student; for the
+flow_matching recipe, the teacher being trained); teacher is the frozen network a distillation
+recipe distils from. recipe: one of RECIPES; its settings are the section of the same name."""
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> Config:

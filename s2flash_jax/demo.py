@@ -53,6 +53,7 @@ from s2flash_jax.models.text_encoder import FrozenTextEncoder, TextEncoderConfig
 from s2flash_jax.outputs import OutputExists
 from s2flash_jax.parallel.mesh import make_mesh
 from s2flash_jax.pipeline import TextToImage
+from s2flash_jax.recipes.registry import demo_entries
 from s2flash_jax.storage import PathLike, is_remote, resolve
 from s2flash_jax.train.loop import STEP_MEMORY, train_and_export
 from s2flash_jax.train.state import create_train_state, product_params
@@ -67,25 +68,8 @@ UNSAID_POSITION_RATE = 0.25  # with --unsaid-positions: the share of training ob
 IMAGE_SIZE = 32
 
 
-@dataclasses.dataclass(frozen=True)
-class DemoRecipe:
-    """variant: of configs/shapes.py; run: its run directory; label: of its rows; steps: the step counts
-    its student is sampled at, one row each; prompts_only: its recipe needs no images."""
-
-    variant: str
-    run: str
-    label: str
-    steps: tuple[int, ...] = STUDENT_STEPS
-    prompts_only: bool = False  # trains on captions alone: reads prompts/, not data/
-
-
-RECIPES = {"sana-sprint": DemoRecipe("", "student", "student"),
-           "tbcm": DemoRecipe("tbcm", "student-tbcm", "TBCM student", prompts_only=True),
-           "twinflow": DemoRecipe("twinflow", "student-twinflow", "TwinFlow student"),
-           "s2flash": DemoRecipe("s2flash", "student-s2flash", "S2-Flash student", (1, 5, 8)),
-           "lcm-lora": DemoRecipe("lcm", "student-lcm-lora", "LCM-LoRA student", (1, 5, 8)),
-           # images: its stage-2 adversary judges the student's intermediate states against real ones
-           "sd35-flash": DemoRecipe("sd35", "student-sd35-flash", "SD3.5-Flash student", (4,))}
+# The recipes the demo can distil with, by demo name (`--recipe`): recipes/registry.py.
+RECIPES = demo_entries()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,7 +39,7 @@ from s2flash_jax.models.sana import SanaConfig, SanaTransformer
 from s2flash_jax.outputs import OutputExists, fresh_output_dir
 from s2flash_jax.parallel.mesh import make_mesh, tree_shardings
 from s2flash_jax.train.loop import train_and_export
-from s2flash_jax.train.state import copy_shared
+from s2flash_jax.recipes.common import copy_shared
 from s2flash_jax.storage import resolve
 
 def prepared_architecture(source: SanaConfig, config) -> SanaConfig:

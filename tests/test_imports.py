@@ -77,3 +77,12 @@ def test_no_function_is_named_as_another_top_level_module():
                for node in ast.parse(path.read_text()).body
                if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in modules and node.name != path.stem]
     assert clashes == []
+
+
+def test_recipes_do_not_import_each_other():
+    """Shared pieces live in recipes/common.py: a recipe is one file that can be added or removed alone."""
+    shared = {"s2flash_jax.recipes", "s2flash_jax.recipes.base", "s2flash_jax.recipes.common",
+              "s2flash_jax.recipes.registry"}
+    graph = import_graph()
+    recipes = {m for m in graph if m.startswith("s2flash_jax.recipes.")} - shared
+    assert {m: sorted(graph[m] & recipes) for m in recipes if graph[m] & recipes} == {}

@@ -20,8 +20,8 @@ from s2flash_jax.losses.scm import SCMConfig
 from s2flash_jax.models.discriminator import ConvDiscriminatorHeads
 from s2flash_jax.parallel.mesh import make_mesh
 from s2flash_jax.recipes.base import DistillState
-from s2flash_jax.recipes.s2flash import (
-    S2FlashConfig, S2FlashNetworks, phase_updates_before, step_schedule, uniform_times)
+from s2flash_jax.recipes.common import phase_updates_before, step_schedule
+from s2flash_jax.recipes.s2flash import S2FlashConfig, S2FlashNetworks, uniform_times
 from s2flash_jax.sampling import few_step_sample
 from s2flash_jax.train.loop import train
 from s2flash_jax.train.state import create_train_state, initialiser
@@ -45,7 +45,7 @@ class SpyTeacher:
 
 @dataclasses.dataclass(frozen=True)
 class SpySprint:
-    """SprintNetworks' interface on analytic functions: the student F = scale·x̂ + shift (logvar 0), the
+    """TrigFlowNetworks' interface on analytic functions: the student F = scale·x̂ + shift (logvar 0), the
     teacher's conditional / unconditional F = ±x̂ (recording the times it is asked at when run eagerly)."""
 
     teacher_times: list = dataclasses.field(default_factory=list)

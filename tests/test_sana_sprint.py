@@ -153,7 +153,7 @@ def test_mismatched_networks_and_recipes_are_rejected():
 
 
 def test_reference_optimizer_skips_and_counts_non_finite_updates():
-    from s2flash_jax.recipes.sana_sprint import reference_optimizer
+    from s2flash_jax.recipes.common import reference_optimizer
 
     optimizer = reference_optimizer(learning_rate=1e-2)
     params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}

@@ -215,7 +215,7 @@ ADVERSARIAL = dataclasses.replace(CONFIG, adversarial_weight=0.5, adversarial_fr
 def build_adversarial(config=ADVERSARIAL):
     from flax import nnx
 
-    from s2flash_jax.recipes.s2flash import conv_discriminator_for
+    from s2flash_jax.recipes.common import conv_discriminator_for
 
     student, teacher, _ = networks()
     channels, size = teacher.config.caption_channels, teacher.config.sample_size
@@ -276,7 +276,7 @@ def test_the_adversary_moves_the_student_only_in_stage_two(adversarial):
 def test_intermediate_pairs_share_their_noise_at_the_next_trajectory_time(adversarial):
     """Real and fake re-noised with one noise draw: equal clean latents give equal features. After the
     last step the state is the clean sample itself (τ_N = 0); after step 0 it is x̂0 noised to τ_1."""
-    from s2flash_jax.recipes.s2flash import teacher_block_features
+    from s2flash_jax.recipes.common import teacher_block_features
 
     recipe, state, batch = adversarial
     nets = recipe.phases["generator"].loss.__self__

@@ -15,7 +15,7 @@ from s2flash_jax.flows.flow_matching import classifier_free_guidance, shifted_ti
 from s2flash_jax.flows.trajectories import reference_route, route_times, teacher_trajectory
 from s2flash_jax.flows.trigflow import MAX_TIME, SIGMA_DATA, flow_time
 from s2flash_jax.losses.scm import SCMConfig, consistency_loss
-from s2flash_jax.recipes.sana_sprint import SanaSprintConfig, SprintNetworks
+from s2flash_jax.recipes.common import TrigFlowNetworks
 from s2flash_jax.recipes.tbcm import TBCMConfig, empty_replay, replay_draw, replay_write, tbcm, trajectory_points
 from s2flash_jax.train.loop import train
 from tests.gaussian import DiagonalGaussian, assert_consistency_samples_match, time_mlp
@@ -80,7 +80,7 @@ def recipe_setup():
     keys = jax.random.split(jax.random.key(6), 2)
     batch = {"caption": jax.random.normal(keys[0], (4, CAPTION, channels)),
              "caption_mask": jnp.ones((4, CAPTION), jnp.int32).at[::2, -1].set(0)}
-    graphs = SprintNetworks(nnx.graphdef(student), nnx.graphdef(teacher), None, SanaSprintConfig())
+    graphs = TrigFlowNetworks(nnx.graphdef(student), nnx.graphdef(teacher))
     shape = (teacher.config.sample_size, teacher.config.sample_size, teacher.config.in_channels)
     return recipe, state, batch, graphs, config, shape
 

@@ -21,7 +21,7 @@ from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.recipes.twinflow import next_target
 from s2flash_jax.sampling import few_step_sample
 from s2flash_jax.train.loop import train
-from s2flash_jax.train.state import copy_shared
+from s2flash_jax.recipes.common import copy_shared
 from tests.gaussian import AnyStepGaussian
 from tests.test_train import assert_states_equal
 from tests.tiny_data import write_tiny_dataset

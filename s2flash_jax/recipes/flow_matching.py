@@ -21,6 +21,8 @@ from flax import nnx
 from s2flash_jax.flows.flow_matching import per_example, standard_normal
 from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.recipes.base import DistillState, Phase, Recipe
+from s2flash_jax.recipes.common import null_caption_batch, null_caption_of, product_optimizer
+from s2flash_jax.recipes.registry import RecipeEntry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,19 +38,6 @@ class FlowMatchingConfig:
         if not 0.0 <= self.caption_dropout < 1.0 or self.time_std <= 0:
             raise ValueError(f"flow_matching: caption_dropout ({self.caption_dropout}) must be in [0, 1) and "
                              f"time_std ({self.time_std}) > 0")
-
-
-def null_caption_batch(caption: jax.Array, caption_mask: jax.Array, null_caption: jax.Array,
-                       null_caption_mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """The unconditional batch for captions [B, L, D] / mask [B, L]: the null caption [L, D] in every
-    row, with its mask [L], or with each prompt's own mask when that is None (as NVlabs pairs them)."""
-    if null_caption.shape[0] != caption.shape[1]:
-        raise ValueError(f"batch captions have {caption.shape[1]} tokens but the null caption has "
-                         f"{null_caption.shape[0]}; pad both to the same length")
-    null = jnp.broadcast_to(null_caption, caption.shape).astype(caption.dtype)
-    mask = caption_mask if null_caption_mask is None else jnp.broadcast_to(
-        null_caption_mask, caption_mask.shape).astype(caption_mask.dtype)
-    return null, mask
 
 
 def null_captioned(key: jax.Array, caption: jax.Array, caption_mask: jax.Array, null_caption: jax.Array,
@@ -95,3 +84,13 @@ def flow_matching(model: SanaTransformer, null_caption: jax.Array, null_caption_
         frozen={"null_caption": jnp.asarray(null_caption),
                 "null_caption_mask": None if null_caption_mask is None else jnp.asarray(null_caption_mask)})
     return recipe, state
+
+
+def build(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
+    model = SanaTransformer(config.model, precision=config.precision, rngs=nnx.Rngs(seeds[0]))
+    return flow_matching(model, null_caption_of(config, config.model.caption_channels), config=config.flow_matching,
+                         optimizer=product_optimizer(config))
+
+
+ENTRY = RecipeEntry("flow_matching", FlowMatchingConfig, build, teacher="none",
+                    summary="flow-matching training of a teacher (SANA's objective)")

@@ -24,7 +24,9 @@ from s2flash_jax.losses.lcm import LCMConfig, lcm_loss, solver_grid, solver_inte
 from s2flash_jax.losses.scm import sample_guidance_scales
 from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.recipes.base import DistillState, Phase, Recipe
-from s2flash_jax.recipes.sana_sprint import SanaSprintConfig, SprintNetworks, check_student_and_teacher, reference_optimizer
+from s2flash_jax.recipes.common import (
+    TrigFlowNetworks, check_student_and_teacher, reference_optimizer, student_only_builder)
+from s2flash_jax.recipes.registry import DemoEntry, RecipeEntry
 
 
 def lcm(student: SanaTransformer, teacher: SanaTransformer, null_caption: jax.Array,
@@ -37,7 +39,7 @@ def lcm(student: SanaTransformer, teacher: SanaTransformer, null_caption: jax.Ar
         raise ValueError("LCM networks do not fit together: " + "; ".join(problems))
     s_graph, s_params = nnx.split(student)
     t_graph, t_params = nnx.split(teacher)
-    nets = SprintNetworks(s_graph, t_graph, None, SanaSprintConfig(scm=config.scm))
+    nets = TrigFlowNetworks(s_graph, t_graph)
     grid = solver_grid(config.solver_steps, config.solver_shift)
     sd = config.scm.sigma_data
 
@@ -64,3 +66,8 @@ def lcm(student: SanaTransformer, teacher: SanaTransformer, null_caption: jax.Ar
                               frozen={"teacher": t_params, "null_caption": jnp.asarray(null_caption),
                                       "null_caption_mask": None})
     return recipe, state
+
+
+ENTRY = RecipeEntry("lcm", LCMConfig, student_only_builder(lcm), teacher="frozen",
+                    summary="LCM(-LoRA): latent consistency distillation, the baseline",
+                    demo=DemoEntry("lcm-lora", "lcm", "student-lcm-lora", "LCM-LoRA student", (1, 5, 8)))

@@ -46,22 +46,23 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
 from s2flash_jax.flows.flow_matching import classifier_free_guidance, per_example
-from s2flash_jax.flows.trigflow import consistency_fn, flow_input, noised, scm_timesteps
+from s2flash_jax.flows.trigflow import consistency_fn, noised
 from s2flash_jax.losses import ladd
 from s2flash_jax.losses.adversarial import GAN_LOSSES
 from s2flash_jax.losses.r1 import r1_penalty
 from s2flash_jax.losses.scm import SCMConfig, consistency_loss, sample_guidance_scales
 from s2flash_jax.models.discriminator import ConvDiscriminatorHeads
-from s2flash_jax.models.sana import SanaConfig, SanaTransformer
+from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.recipes.base import DistillState, Phase, Recipe
-from s2flash_jax.recipes.flow_matching import null_caption_batch
-from s2flash_jax.recipes.sana_sprint import (
-    SanaSprintConfig, SprintNetworks, check_student_and_teacher, reference_optimizer)
+from s2flash_jax.recipes.common import (
+    TrigFlowNetworks, check_student_and_teacher, conv_discriminator_for, distilled_from_teacher, null_caption_batch,
+    null_caption_of, phase_updates_before, reference_optimizer, step_schedule, student_and_partner_optimizers,
+    student_and_teacher, teacher_block_features)
+from s2flash_jax.recipes.registry import DemoEntry, RecipeEntry
 
 STEP_COUNTS = (1, 2, 4, 5, 8)
 
@@ -121,38 +122,10 @@ class S2FlashConfig:
                              "would train the student")
 
 
-def step_schedule(steps: int, shift: float) -> tuple[float, ...]:
-    """The sampler's times (steps + 1 of them), τ_0 = MAX_TIME > … > τ_steps = 0, each the float32
-    value `few_step_sample(steps=steps, flow_shift=shift)` visits."""
-    return tuple(float(t) for t in np.asarray(scm_timesteps(steps, shift=shift), np.float32))
-
-
 def uniform_times(key: jax.Array, times: Sequence[float], batch: int) -> tuple[jax.Array, jax.Array]:
     """(index [B] int32, times[index] [B] float32): one of `times` per example, uniformly."""
     index = jax.random.randint(key, (batch,), 0, len(times))
     return index, jnp.asarray(times, jnp.float32)[index]
-
-
-def phase_updates_before(step: jax.Array, cycle: Sequence[str], phase: str) -> jax.Array:
-    """How many of the global updates 0 … step − 1 were `phase` updates. step: int [...] (traced or not)."""
-    in_prefix = np.asarray([list(cycle[:i]).count(phase) for i in range(len(cycle))], np.int32)
-    return (step // len(cycle)) * list(cycle).count(phase) + jnp.asarray(in_prefix)[step % len(cycle)]
-
-
-def conv_discriminator_for(teacher: SanaConfig, config: S2FlashConfig, *, rngs: nnx.Rngs) -> ConvDiscriminatorHeads:
-    """One conv head per block in config.block_ids, as wide as the teacher (its config), on its token
-    grid (any recipe config with block_ids: SD3.5-Flash's too)."""
-    side = teacher.sample_size // teacher.patch_size
-    return ConvDiscriminatorHeads(teacher.inner_dim, len(config.block_ids), (side, side), rngs=rngs)
-
-
-def teacher_block_features(sprint: SprintNetworks, state: DistillState, x_hat: jax.Array, t: jax.Array,
-                           caption: jax.Array, caption_mask: jax.Array, block_ids: Sequence[int]) -> list[jax.Array]:
-    """The frozen teacher's token features [B, N, D] of (x̂ [B, ...], t [B]) after each of block_ids,
-    with captions [B, L, D] / masks [B, L]. Its parameters get no gradient; its input does (the
-    generator's path to the student)."""
-    x_flow, s = flow_input(x_hat, t)
-    return sprint.frozen_teacher(state).block_features(x_flow, s, caption, caption_mask, block_ids=block_ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +133,7 @@ class S2FlashNetworks:
     """sprint: the student's and the teacher's functions (SANA-Sprint's own); discriminator: the heads'
     graph definition; schedule: step_schedule(config.steps, shift)."""
 
-    sprint: SprintNetworks
+    sprint: TrigFlowNetworks
     discriminator: Any
     config: S2FlashConfig
     schedule: tuple[float, ...]
@@ -182,7 +155,7 @@ class S2FlashNetworks:
                       ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """(real, fake, t_D, w): network inputs x/σ_d [B, ...] of the clean latents x0 and of the
         student's x̂0 from their noised versions, re-noised at one t_D [B] and with one noise draw per
-        pair; w [B]: the guidance scale the student was given. student: SprintNetworks.student_fn's."""
+        pair; w [B]: the guidance scale the student was given. student: TrigFlowNetworks.student_fn's."""
         sd, batch = self.sigma_data, x0.shape[0]
         w_key, input_key, t_key, z_key = jax.random.split(key, 4)
         w = sample_guidance_scales(w_key, batch, self.config.scm)
@@ -309,7 +282,7 @@ def s2flash(student: SanaTransformer, teacher: SanaTransformer, discriminator: C
     s_graph, s_params = nnx.split(student)
     t_graph, t_params = nnx.split(teacher)
     d_graph, d_params = nnx.split(discriminator, nnx.Param)
-    nets = S2FlashNetworks(SprintNetworks(s_graph, t_graph, None, SanaSprintConfig(scm=config.scm)), d_graph,
+    nets = S2FlashNetworks(TrigFlowNetworks(s_graph, t_graph), d_graph,
                            config, step_schedule(config.steps, shift))
     recipe = Recipe(name="s2flash", trains=("student", "discriminator"), frozen=("teacher", "null_caption"),
                     phases=nets.phases, cycle=tuple(config.cycle), product="student",
@@ -318,3 +291,18 @@ def s2flash(student: SanaTransformer, teacher: SanaTransformer, discriminator: C
         params={"student": s_params, "discriminator": d_params},
         frozen={"teacher": t_params, "null_caption": jnp.asarray(null_caption), "null_caption_mask": None})
     return recipe, state
+
+
+def build(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
+    """The step set is placed by sample.flow_shift, so the student trains at the times it is sampled at."""
+    student, teacher = student_and_teacher(config, seeds, teacher_params)
+    heads = conv_discriminator_for(teacher.config, config.s2flash, rngs=nnx.Rngs(seeds[2]))
+    recipe, distill = s2flash(student, teacher, heads, null_caption_of(config, config.teacher.caption_channels),
+                              config=config.s2flash, shift=config.sample.flow_shift,
+                              optimizers=student_and_partner_optimizers(config, config.s2flash.cycle))
+    return recipe, distilled_from_teacher(config, distill)
+
+
+ENTRY = RecipeEntry("s2flash", S2FlashConfig, build, teacher="frozen",
+                    summary="S2-Flash: consistency + conv heads on the teacher's blocks, R1, up to 8 steps",
+                    demo=DemoEntry("s2flash", "s2flash", "student-s2flash", "S2-Flash student", (1, 5, 8)))

@@ -25,14 +25,16 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from s2flash_jax.flows.trigflow import SIGMA_DATA, consistency_fn, flow_input, noised, trigflow_from_flow_matching
+from s2flash_jax.flows.trigflow import consistency_fn, flow_input, noised
 from s2flash_jax.losses import ladd
 from s2flash_jax.losses.scm import SCMConfig, sample_guidance_scales, scm_loss
 from s2flash_jax.models.discriminator import DiscriminatorHeads
 from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.recipes.base import DistillState, Phase, Recipe
-from s2flash_jax.recipes.flow_matching import null_caption_batch
-from s2flash_jax.train.optim import optimizer
+from s2flash_jax.recipes.common import (
+    TrigFlowNetworks, check_student_and_teacher, distilled_from_teacher, null_caption_of, reference_optimizer,
+    student_and_partner_optimizers, student_and_teacher)
+from s2flash_jax.recipes.registry import DemoEntry, RecipeEntry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,67 +45,17 @@ class SanaSprintConfig:
     cycle: Sequence[str] = ("generator", "discriminator")
 
 
-def reference_optimizer(learning_rate: float | optax.Schedule = 2e-6, clip_norm: float = 0.1,
-                        max_consecutive_skips: int = 100) -> optax.GradientTransformation:
-    """The SANA-Sprint yamls' optimizer for both networks: CAME (0.9, 0.999, 0.9999), eps (1e-30, 1e-16),
-    no weight decay, after global-norm clipping at 0.1.
-
-    Like NVlabs, an update whose gradient is not finite is skipped (parameters and moments unchanged)
-    and counted in the state's `total_notfinite`.
-    """
-    return optimizer("came", learning_rate, clip_norm=clip_norm, max_consecutive_skips=max_consecutive_skips)
-
-
 def discriminator_for(teacher: SanaTransformer, config: SanaSprintConfig, *, rngs: nnx.Rngs) -> DiscriminatorHeads:
     """One head per teacher block in config.ladd.block_ids, as wide as the teacher."""
     return DiscriminatorHeads(teacher.config.inner_dim, len(config.ladd.block_ids), rngs=rngs)
 
 
 @dataclasses.dataclass(frozen=True)
-class SprintNetworks:
-    """Graph definitions (static) that turn parameter pytrees back into callable models (the student
-    and the teacher are shared with TBCM, which has no discriminator)."""
+class SprintNetworks(TrigFlowNetworks):
+    """The student and teacher (TrigFlowNetworks) plus the LADD discriminator's graph and the settings."""
 
-    student: Any
-    teacher: Any
     discriminator: Any
     config: SanaSprintConfig
-
-    def student_fn(self, batch):
-        """(params, x̂ [B, ...], t [B], w [B]) -> (F, logvar [B]) for the batch's captions."""
-
-        def student(params, x_hat, t, guidance_scale):
-            net = nnx.merge(self.student, params)
-            mcfg = net.config
-
-            def flow(x_flow, s):
-                return net(x_flow, s, batch["caption"], batch["caption_mask"],
-                           guidance_scale * mcfg.guidance_embeds_scale, return_logvar=True)
-
-            return trigflow_from_flow_matching(flow, has_aux=True)(x_hat, t)
-
-        return student
-
-    def frozen_teacher(self, state: DistillState) -> SanaTransformer:
-        """The teacher with its parameters under stop_gradient: it never receives a gradient."""
-        return nnx.merge(self.teacher, jax.lax.stop_gradient(state.frozen["teacher"]))
-
-    def teacher_fn(self, state: DistillState, batch):
-        """(x̂, t) -> (F unconditional, F conditional), one teacher call on the doubled batch."""
-        net = self.frozen_teacher(state)
-        caption, mask = batch["caption"], batch["caption_mask"]
-        null, null_mask = null_caption_batch(caption, mask, state.frozen["null_caption"],
-                                             state.frozen["null_caption_mask"])
-        captions, masks = jnp.concatenate([null, caption]), jnp.concatenate([null_mask, mask])
-
-        def teacher(x_hat, t):
-            def flow(x_flow, s):
-                return net(x_flow, s, captions, masks)
-
-            both = trigflow_from_flow_matching(flow)(jnp.concatenate([x_hat, x_hat]), jnp.concatenate([t, t]))
-            return jnp.split(both, 2)
-
-        return teacher
 
     def discriminator_logits(self, state: DistillState, params, stats, x_hat, t, caption, caption_mask, *,
                              update_stats: bool):
@@ -204,34 +156,6 @@ def sana_sprint(student: SanaTransformer, teacher: SanaTransformer, discriminato
     return recipe, state
 
 
-def check_student_and_teacher(student: SanaTransformer, teacher: SanaTransformer, scm: SCMConfig,
-                              null_caption: jax.Array | None = None) -> list[str]:
-    """What keeps a SANA-Sprint-style student from being distilled from `teacher` (with this
-    unconditional caption [L, caption_channels], when given), as messages."""
-    s, t = student.config, teacher.config
-    problems = []
-    if null_caption is not None and (null_caption.ndim != 2 or null_caption.shape[1] != t.caption_channels):
-        problems.append(f"null_caption has shape {null_caption.shape}; expected [L, {t.caption_channels}] "
-                        "(caption length, caption_channels)")
-    if not (s.guidance_embeds and s.logvar_head):
-        problems.append("the student needs guidance_embeds=True and logvar_head=True")
-    if t.guidance_embeds:
-        problems.append("the teacher must be a flow model without guidance embedding (guidance_embeds=False)")
-    if s.flow_time_scale != t.flow_time_scale:
-        problems.append(f"the teacher's time embedder is fed {t.flow_time_scale:g}·s (timestep_scale={t.timestep_scale}) "
-                        f"but the student's {s.flow_time_scale:g}·s: a SANA-Sprint student uses the dense time "
-                        "embedding (s itself); convert the teacher with `s2flash prepare-teacher`")
-    if s.qk_norm != t.qk_norm:
-        problems.append(f"the student has qk_norm={s.qk_norm!r} but the teacher {t.qk_norm!r}: a student copied from "
-                        "it would start with untrained norms; add them to the teacher with `s2flash prepare-teacher`")
-    if s.inner_dim != t.inner_dim or s.in_channels != t.in_channels:
-        problems.append(f"student and teacher differ in width or latent channels "
-                        f"({s.inner_dim}/{s.in_channels} vs {t.inner_dim}/{t.in_channels})")
-    if scm.sigma_data != SIGMA_DATA:
-        problems.append(f"sigma_data={scm.sigma_data}: the TrigFlow wrapper of a flow teacher assumes {SIGMA_DATA}")
-    return problems
-
-
 def _check_networks(student, teacher, discriminator, null_caption, config: SanaSprintConfig):
     problems = check_student_and_teacher(student, teacher, config.scm, null_caption)
     ids = list(config.ladd.block_ids)
@@ -241,3 +165,17 @@ def _check_networks(student, teacher, discriminator, null_caption, config: SanaS
         problems.append(f"the discriminator has {len(discriminator.heads)} heads for {len(ids)} block_ids")
     if problems:
         raise ValueError("SANA-Sprint networks do not fit together: " + "; ".join(problems))
+
+
+def build(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
+    student, teacher = student_and_teacher(config, seeds, teacher_params)
+    heads = discriminator_for(teacher, config.sana_sprint, rngs=nnx.Rngs(seeds[2]))
+    recipe, distill = sana_sprint(student, teacher, heads, null_caption_of(config, config.teacher.caption_channels),
+                                  config=config.sana_sprint,
+                                  optimizers=student_and_partner_optimizers(config, config.sana_sprint.cycle))
+    return recipe, distilled_from_teacher(config, distill)
+
+
+ENTRY = RecipeEntry("sana_sprint", SanaSprintConfig, build, teacher="frozen",
+                    summary="SANA-Sprint: sCM consistency + LADD on the teacher's features",
+                    demo=DemoEntry("sana-sprint", "", "student", "student"))

@@ -64,10 +64,11 @@ from s2flash_jax.losses.scm import SCMConfig
 from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.models.discriminator import ConvDiscriminatorHeads
 from s2flash_jax.recipes.base import DistillState, Phase, Recipe
-from s2flash_jax.recipes.s2flash import (
-    conv_discriminator_for, phase_updates_before, step_schedule, teacher_block_features)
-from s2flash_jax.recipes.sana_sprint import (
-    SanaSprintConfig, SprintNetworks, check_student_and_teacher, reference_optimizer)
+from s2flash_jax.recipes.common import (
+    TrigFlowNetworks, check_student_and_teacher, conv_discriminator_for, distilled_from_teacher, null_caption_of,
+    phase_updates_before, reference_optimizer, step_schedule, student_and_partner_optimizers, student_and_teacher,
+    teacher_block_features)
+from s2flash_jax.recipes.registry import DemoEntry, RecipeEntry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +193,7 @@ class SD35FlashNetworks:
     latent_shape: [H, W, C] of the student's samples; discriminator: the heads' graph definition and
     fresh_discriminator: key -> freshly initialised head parameters (None without an adversary)."""
 
-    sprint: SprintNetworks
+    sprint: TrigFlowNetworks
     fake_score: Any
     config: SD35FlashConfig
     schedule: tuple[float, ...]
@@ -368,7 +369,7 @@ def sd35_flash(student: SanaTransformer, teacher: SanaTransformer, null_caption:
         def fresh(key):
             return nnx.split(conv_discriminator_for(teacher_config, config, rngs=nnx.Rngs(key)), nnx.Param)[1]
 
-    nets = SD35FlashNetworks(SprintNetworks(s_graph, t_graph, None, SanaSprintConfig()), t_graph, config,
+    nets = SD35FlashNetworks(TrigFlowNetworks(s_graph, t_graph), t_graph, config,
                              step_schedule(config.steps, shift), (tc.sample_size, tc.sample_size, tc.in_channels),
                              d_graph, fresh)
     recipe = Recipe(name="sd35_flash", trains=tuple(params), frozen=("teacher", "null_caption"),
@@ -379,3 +380,23 @@ def sd35_flash(student: SanaTransformer, teacher: SanaTransformer, null_caption:
         params=params,
         frozen={"teacher": t_params, "null_caption": jnp.asarray(null_caption), "null_caption_mask": None})
     return recipe, state
+
+
+def build(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
+    """The step set is placed by sample.flow_shift, as S2-Flash's; the fake score starts as the teacher."""
+    cfg = config.sd35_flash
+    student, teacher = student_and_teacher(config, seeds, teacher_params)
+    heads = conv_discriminator_for(teacher.config, cfg, rngs=nnx.Rngs(seeds[2])) if cfg.adversarial else None
+    partners = ("fake_score", "discriminator") if cfg.adversarial else ("fake_score",)
+    recipe, distill = sd35_flash(student, teacher, null_caption_of(config, config.teacher.caption_channels),
+                                 config=cfg, shift=config.sample.flow_shift, discriminator=heads,
+                                 optimizers=student_and_partner_optimizers(config, cfg.cycle, partners, cfg.stages))
+    return recipe, distilled_from_teacher(config, distill)
+
+
+# step_range: a fork's share of the student's timesteps (split-timestep fine-tuning, docs/sd35_flash.md).
+# The demo trains on images: its stage-2 adversary judges the student's intermediate states against real ones.
+ENTRY = RecipeEntry("sd35_flash", SD35FlashConfig, build, teacher="frozen",
+                    summary="SD3.5-Flash: distribution matching against a fake score, 4 steps",
+                    forkable=("step_range",),
+                    demo=DemoEntry("sd35-flash", "sd35", "student-sd35-flash", "SD3.5-Flash student", (4,)))

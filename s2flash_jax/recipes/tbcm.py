@@ -30,8 +30,9 @@ from s2flash_jax.flows.trajectories import ROUTE_STRATEGIES, reference_route, ro
 from s2flash_jax.losses.scm import SCMConfig, consistency_loss, sample_guidance_scales
 from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.recipes.base import DistillState, Phase, Recipe
-from s2flash_jax.recipes.sana_sprint import (
-    SanaSprintConfig, SprintNetworks, check_student_and_teacher, reference_optimizer)
+from s2flash_jax.recipes.common import (
+    TrigFlowNetworks, check_student_and_teacher, reference_optimizer, student_only_builder)
+from s2flash_jax.recipes.registry import DemoEntry, RecipeEntry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +73,7 @@ class TBCMConfig:
         return self.points_per_trajectory or self.route_points - 1
 
 
-def trajectory_points(nets: SprintNetworks, state: DistillState, batch, key: jax.Array, config: TBCMConfig,
+def trajectory_points(nets: TrigFlowNetworks, state: DistillState, batch, key: jax.Array, config: TBCMConfig,
                       latent_shape: tuple[int, int, int]):
     """This step's sCM points: (x_t [n·B, ...], t [n·B], dx_t/dt [n·B, ...], w [n·B], captions
     repeated {"caption", "caption_mask"} [n·B, ...], the trajectories' x0 [B, ...]), point-major
@@ -151,7 +152,7 @@ def tbcm(student: SanaTransformer, teacher: SanaTransformer, null_caption: jax.A
         raise ValueError("TBCM networks do not fit together: " + "; ".join(problems))
     s_graph, s_params = nnx.split(student)
     t_graph, t_params = nnx.split(teacher)
-    nets = SprintNetworks(s_graph, t_graph, None, SanaSprintConfig(scm=config.scm))
+    nets = TrigFlowNetworks(s_graph, t_graph)
 
     tc = teacher.config
     latent_shape = (tc.sample_size, tc.sample_size, tc.in_channels)
@@ -181,3 +182,8 @@ def tbcm(student: SanaTransformer, teacher: SanaTransformer, null_caption: jax.A
                               stats={"tbcm_replay": empty_replay(config.replay_size, latent_shape, null_caption.shape)}
                               if config.replay_size else None)
     return recipe, state
+
+
+ENTRY = RecipeEntry("tbcm", TBCMConfig, student_only_builder(tbcm), teacher="frozen",
+                    summary="TBCM: image-free consistency on the teacher's own trajectories",
+                    demo=DemoEntry("tbcm", "tbcm", "student-tbcm", "TBCM student", prompts_only=True))

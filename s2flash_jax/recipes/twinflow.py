@@ -21,7 +21,8 @@ from flax import nnx
 from s2flash_jax.losses.twinflow import TwinFlowConfig, twinflow_loss
 from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.recipes.base import DistillState, Phase, Recipe
-from s2flash_jax.recipes.flow_matching import null_caption_batch
+from s2flash_jax.recipes.common import null_caption_batch, null_caption_of, product_optimizer, student_and_teacher, student_from_teacher
+from s2flash_jax.recipes.registry import DemoEntry, RecipeEntry
 
 TARGET = "twinflow_target"
 
@@ -86,3 +87,17 @@ def twinflow(student: SanaTransformer, null_caption: jax.Array, config: TwinFlow
                               frozen={"null_caption": jnp.asarray(null_caption), "null_caption_mask": None},
                               stats=stats)
     return recipe, state
+
+
+def build(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
+    """TwinFlow keeps no teacher: the flow model (config.teacher) only gives the student its weights."""
+    student, teacher = student_and_teacher(config, seeds, teacher_params)
+    if config.train.init_student_from_teacher:
+        nnx.update(student, student_from_teacher(nnx.state(teacher), nnx.state(student)))
+    return twinflow(student, null_caption_of(config, config.model.caption_channels), config=config.twinflow,
+                    optimizer=product_optimizer(config))
+
+
+ENTRY = RecipeEntry("twinflow", TwinFlowConfig, build, teacher="initialises",
+                    summary="TwinFlow: the model's own twin branch, no teacher and no discriminator",
+                    demo=DemoEntry("twinflow", "twinflow", "student-twinflow", "TwinFlow student"))

@@ -33,6 +33,7 @@ from s2flash_jax.model_checkpoint import save_model
 from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.outputs import OutputExists, image_grid, save_image
 from s2flash_jax.parallel.mesh import batch_sharding, make_mesh, sharded_shapes, tree_shardings
+from s2flash_jax.recipes.registry import recipe_entries
 from s2flash_jax.sampling import few_step_sample, latent_preview
 from s2flash_jax.storage import PathLike, is_nonempty_dir, resolve
 from s2flash_jax.train.checkpoint import NoCheckpointRestores, RunCheckpoints
@@ -45,9 +46,10 @@ from s2flash_jax.train.step import compile_ahead, step_peak_bytes
 # Config keys a resumed run may change: how long, how often, and how the work is laid out.
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                   "train.sample_every", "mesh.", "data.num_workers", "data.prefetch_buffer", "health.")
-# Config keys a fork may change besides: the branch's share of the student's timesteps (split-timestep
-# fine-tuning, docs/sd35_flash.md) and the seed of its data stream, which starts afresh.
-FORKABLE_KEYS = (*RESUMABLE_KEYS, "sd35_flash.step_range", "seed")
+# Config keys a fork may change besides: those its recipe's entry names (SD3.5-Flash's share of the
+# student's timesteps, docs/sd35_flash.md) and the seed of its data stream, which starts afresh.
+FORKABLE_KEYS = (*RESUMABLE_KEYS, *(f"{name}.{key}" for name, entry in recipe_entries().items()
+                                    for key in entry.forkable), "seed")
 FORKED_FROM = "forked_from.json"
 SAMPLE_STEPS = (1, 2, 4)
 STEP_MEMORY = "step_memory.json"  # in a run directory: its wall time and its compiled steps' peak memory
