@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from s2flash_jax.data.pipeline import DataConfig
-from s2flash_jax.models.sana import SanaConfig
+from s2flash_jax.models.backbone import DEFAULT_KIND, BackboneConfig, backbone_kind, kind_of
 from s2flash_jax.parallel.mesh import MeshConfig
 from s2flash_jax.precision import Precision
 from s2flash_jax.recipes.registry import recipe_entries
@@ -162,9 +162,9 @@ class PrepareTeacherConfig:
 class _RunSections:
     """The sections every run has; Config adds one section per registered recipe."""
 
-    model: SanaConfig
+    model: BackboneConfig
     recipe: str = "sana_sprint"
-    teacher: SanaConfig | None = None
+    teacher: BackboneConfig | None = None
     precision: Precision = Precision()
     sample: SampleConfig = SampleConfig()
     train: TrainConfig = TrainConfig()
@@ -177,6 +177,10 @@ class _RunSections:
     def __post_init__(self):
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe={self.recipe!r}; expected one of {RECIPES}")
+        kinds = {key: kind_of(getattr(self, key)).name for key in ("model", "teacher") if getattr(self, key) is not None}
+        if len(set(kinds.values())) > 1:
+            raise ValueError(f"model and teacher are of different kinds ({kinds}); a student is distilled from a "
+                             "teacher of its own backbone")
 
 
 # One section per recipe, named as it and holding its settings (recipes/registry.py), so that a
@@ -212,6 +216,16 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> Config:
 
 
 RUN_CONFIG = "config.json"  # a run directory's resolved config (train/loop.py writes it)
+
+
+def config_to_json(config: Config) -> dict[str, Any]:
+    """The JSON object of `config` (a run directory's config.json): its dataclasses as objects,
+    tuples as lists, and each architecture with its backbone kind ("kind")."""
+    data = json.loads(json.dumps(dataclasses.asdict(config)))
+    for key in ("model", "teacher"):
+        if getattr(config, key) is not None:
+            data[key] = {"kind": kind_of(getattr(config, key)).name, **data[key]}
+    return data
 
 
 def config_from_json(data: dict[str, Any]) -> Config:
@@ -253,6 +267,11 @@ def _value_from_json(field_type: Any, value: Any, where: str) -> Any:
     if value is None:
         return None
     for t in allowed:
+        if t is BackboneConfig:  # the kind says which architecture; none recorded: an older run's SANA
+            if not isinstance(value, dict):
+                raise TypeError(f"{where.rstrip('.')} should be an object, got {value!r}")
+            fields = dict(value)
+            return _dataclass_from_json(backbone_kind(fields.pop("kind", DEFAULT_KIND)).config_class, fields, where)
         if dataclasses.is_dataclass(t):
             return _dataclass_from_json(t, value, where)
         if typing.get_origin(t) in (tuple, collections.abc.Sequence) and isinstance(value, list):

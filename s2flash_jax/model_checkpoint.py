@@ -1,7 +1,8 @@
 """A model checkpoint: one network's weights and architecture, the unit runs exchange.
 
 CKPT/
-  model.json   {"format": "s2flash-model", "version": 1, "model": SanaConfig fields, ...extra metadata}
+  model.json   {"format": "s2flash-model", "version": 1, "model": {"kind": backbone kind, architecture
+               fields}, ...extra metadata}; a "model" without "kind" (written before kinds) is SANA's
   params/      orbax checkpoint of the parameters as a plain nested dict (nnx.to_pure_dict layout)
   ...          optional components written next to them (e.g. the shapes demo's text_encoder/)
 
@@ -25,7 +26,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from s2flash_jax.models.sana import SanaConfig
+from s2flash_jax.models.backbone import BackboneConfig, architecture_from_json, architecture_to_json
 from s2flash_jax.outputs import fresh_output_dir
 from s2flash_jax.storage import PathLike, local_copy, resolve
 
@@ -38,10 +39,10 @@ class CheckpointError(ValueError):
     """A model checkpoint that cannot be read or does not fit; the message says which and why."""
 
 
-def save_model(path: PathLike, model: SanaConfig, params: nnx.State | Mapping[str, Any], *, force: bool = False,
+def save_model(path: PathLike, model: BackboneConfig, params: nnx.State | Mapping[str, Any], *, force: bool = False,
                metadata: Mapping[str, Any] | None = None,
                write_components: Callable[[epath.Path], None] | None = None) -> epath.Path:
-    """Write `params` (the nnx.Param state of a SanaTransformer built from `model`, or the same as a
+    """Write `params` (the nnx.Param state of the backbone built from `model`, or the same as a
     nested dict of arrays in the nnx.to_pure_dict layout) to `path`.
 
     metadata: extra JSON fields for model.json. write_components(staging_dir) adds files beside the
@@ -57,7 +58,7 @@ def save_model(path: PathLike, model: SanaConfig, params: nnx.State | Mapping[st
         if write_components is not None:
             write_components(staging)
         (staging / METADATA).write_text(json.dumps(
-            {"format": FORMAT, "version": VERSION, "model": dataclasses.asdict(model), **(metadata or {})},
+            {"format": FORMAT, "version": VERSION, "model": architecture_to_json(model), **(metadata or {})},
             indent=2) + "\n")
     return path
 
@@ -102,27 +103,31 @@ def copy_components(path: PathLike, names: Collection[str] | None = None) -> Cal
     return write
 
 
-def read_model_config(path: PathLike) -> SanaConfig:
+def read_model_config(path: PathLike) -> BackboneConfig:
+    """The architecture of the checkpoint at `path` (its backbone kind's config)."""
     model = read_metadata(path).get("model")
     try:
-        return SanaConfig(**model)
+        return architecture_from_json(model)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}/model.json: its model config cannot be used: {e}") from e
 
 
-def check_architecture(path: PathLike, expected: SanaConfig, ignoring: Sequence[str] = ()) -> None:
+def check_architecture(path: PathLike, expected: BackboneConfig, ignoring: Sequence[str] = ()) -> None:
     """Raise CheckpointError naming every architecture key in which the checkpoint differs (apart
-    from execution keys and the keys `ignoring`)."""
+    from execution keys and the keys `ignoring`), or the kinds of model when they differ."""
     saved = read_model_config(path)
-    skipped = (*SanaConfig.EXECUTION_KEYS, *ignoring)
+    if type(saved) is not type(expected):
+        raise CheckpointError(f"model checkpoint {path} holds a {architecture_to_json(saved)['kind']} model; "
+                              f"expected a {architecture_to_json(expected)['kind']} model")
+    skipped = (*type(expected).EXECUTION_KEYS, *ignoring)
     differing = [f"{f.name}={getattr(saved, f.name)!r} (expected {getattr(expected, f.name)!r})"
-                 for f in dataclasses.fields(SanaConfig)
+                 for f in dataclasses.fields(expected)
                  if f.name not in skipped and getattr(saved, f.name) != getattr(expected, f.name)]
     if differing:
         raise CheckpointError(f"model checkpoint {path} holds a different architecture: {', '.join(differing)}")
 
 
-def load_params(path: PathLike, expected: SanaConfig, abstract: nnx.State, shardings: Any = None, *,
+def load_params(path: PathLike, expected: BackboneConfig, abstract: nnx.State, shardings: Any = None, *,
                 quantized: bool = False) -> nnx.State:
     """The checkpoint's parameters, laid out as `abstract` (an nnx.State of ShapeDtypeStructs or arrays)
     with `shardings` (a matching tree of shardings, or None for the default device).

@@ -38,7 +38,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from s2flash_jax.flows.flow_matching import standard_normal
 from s2flash_jax.model_checkpoint import CheckpointError, load_params, read_metadata, read_model_config
-from s2flash_jax.models.sana import SanaConfig, SanaTransformer
+from s2flash_jax.models.backbone import BackboneConfig, abstract_backbone
 from s2flash_jax.models.space_to_depth import SpaceToDepthAutoencoder, SpaceToDepthConfig
 from s2flash_jax.models.text_encoder import FrozenTextEncoder
 from s2flash_jax.outputs import fresh_output_dir, fresh_output_file, to_uint8
@@ -91,10 +91,10 @@ def batch_key(seed: int, start: int) -> jax.Array:
 class TextToImage:
     """model: the transformer's config; params: its nnx.Param state; guidance_scale / flow_shift:
     sampling defaults (see sampling.few_step_sample); batch_size: generate's default; graphdef: the
-    transformer's nnx graph that `params` fill (None: a plain SanaTransformer of `model`; a quantized
+    transformer's nnx graph that `params` fill (None: the plain backbone of `model`; a quantized
     checkpoint's is qwix's quantized model, see quantize.py)."""
 
-    model: SanaConfig
+    model: BackboneConfig
     params: nnx.State
     text_encoder: TextEncoder
     autoencoder: Autoencoder
@@ -106,8 +106,7 @@ class TextToImage:
 
     def __post_init__(self):
         self._check_components()
-        self._graphdef = self.graphdef if self.graphdef is not None else nnx.graphdef(nnx.eval_shape(
-            lambda: SanaTransformer(self.model, precision=self.precision, rngs=nnx.Rngs(0))))
+        self._graphdef = self.graphdef if self.graphdef is not None else nnx.graphdef(abstract_backbone(self.model, self.precision))
         self._mesh = make_mesh(MeshConfig(data=-1))  # every device on the data axis
         self._replicated = NamedSharding(self._mesh, PartitionSpec())
         self._batch = batch_sharding(self._mesh)
@@ -170,7 +169,7 @@ class TextToImage:
 
             net = abstract_quantized_model(model, read_quantization(path), precision)
         else:
-            net = nnx.eval_shape(lambda: SanaTransformer(model, precision=precision, rngs=nnx.Rngs(0)))
+            net = abstract_backbone(model, precision)
         graphdef, abstract = nnx.split(net)
         replicated = NamedSharding(make_mesh(MeshConfig(data=-1)), PartitionSpec())
         sampling = meta.get("sampling", {})

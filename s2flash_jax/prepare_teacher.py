@@ -35,14 +35,14 @@ from s2flash_jax.config import Config, ConfigError
 from s2flash_jax.data.pipeline import first_batch
 from s2flash_jax.flows.flow_matching import standard_normal
 from s2flash_jax.model_checkpoint import CheckpointError, load_params, read_metadata, read_model_config, save_model
-from s2flash_jax.models.sana import SanaConfig, SanaTransformer
+from s2flash_jax.models.backbone import BackboneConfig, abstract_backbone, build_backbone
 from s2flash_jax.outputs import OutputExists, fresh_output_dir
 from s2flash_jax.parallel.mesh import make_mesh, tree_shardings
 from s2flash_jax.train.loop import train_and_export
 from s2flash_jax.recipes.common import copy_shared
 from s2flash_jax.storage import resolve
 
-def prepared_architecture(source: SanaConfig, config) -> SanaConfig:
+def prepared_architecture(source: BackboneConfig, config) -> BackboneConfig:
     """The teacher architecture `source` becomes: its own with the prepare_teacher section's qk_norm
     and timestep_scale. config: PrepareTeacherConfig."""
     if source.guidance_embeds or source.twinflow_embeds or source.logvar_head:
@@ -55,22 +55,21 @@ def prepared_architecture(source: SanaConfig, config) -> SanaConfig:
     return prepared
 
 
-def converted_params(source: Path, source_config: SanaConfig, prepared: SanaConfig, config: Config, mesh) -> nnx.State:
+def converted_params(source: Path, source_config: BackboneConfig, prepared: BackboneConfig, config: Config, mesh) -> nnx.State:
     """The prepared architecture holding every weight of the checkpoint at `source`, created in its
     shards; the parts the original lacks (QK norms) keep their initialisation, 1."""
     def abstract(model):
-        return nnx.state(nnx.eval_shape(lambda: SanaTransformer(model, precision=config.precision, rngs=nnx.Rngs(0))))
+        return nnx.state(abstract_backbone(model, config.precision))
 
     original = abstract(source_config)
     loaded = load_params(source, source_config, original, tree_shardings(original, mesh))
     target = abstract(prepared)
     with jax.set_mesh(mesh):
-        return jax.jit(lambda weights: copy_shared(weights, nnx.state(SanaTransformer(
-            prepared, precision=config.precision, rngs=nnx.Rngs(config.seed)))),
+        return jax.jit(lambda weights: copy_shared(weights, nnx.state(build_backbone(prepared, precision=config.precision, rngs=nnx.Rngs(config.seed)))),
             out_shardings=tree_shardings(target, mesh))(loaded)
 
 
-def stage_configs(config: Config, prepared: SanaConfig, work: Path) -> dict[str, Config]:
+def stage_configs(config: Config, prepared: BackboneConfig, work: Path) -> dict[str, Config]:
     """The flow-matching runs of stage 1 (embedding) and stage 2 (full) that have steps, each
     starting from the product of the one before (the first from work/converted)."""
     p = config.prepare_teacher
@@ -105,7 +104,7 @@ def velocity_report(config: Config, source: Path, checkpoints: dict[str, Path], 
 
     def velocities(ckpt: Path) -> jax.Array:
         model_config = read_model_config(ckpt)
-        model = nnx.eval_shape(lambda: SanaTransformer(model_config, precision=config.precision, rngs=nnx.Rngs(0)))
+        model = abstract_backbone(model_config, config.precision)
         graph, abstract = nnx.split(model)
         params = load_params(ckpt, model_config, abstract, tree_shardings(abstract, mesh))
 

@@ -75,8 +75,8 @@ from qwix._src.utils.flax_util import update_boxed
 from s2flash_jax.model_checkpoint import (
     CheckpointError, copy_components, extra_metadata, load_params, read_metadata, read_model_config,
     read_stored_params, save_model, stored_params)
+from s2flash_jax.models.backbone import Backbone, BackboneConfig, abstract_backbone, build_backbone
 from s2flash_jax.models.lora import merge_lora
-from s2flash_jax.models.sana import SanaConfig, SanaTransformer
 from s2flash_jax.outputs import OutputExists, refuse_existing_output
 from s2flash_jax.precision import FP32, Precision
 from s2flash_jax.sampling import few_step_sample
@@ -142,9 +142,9 @@ def linear_layers(model: nnx.Module) -> dict[str, nnx.Linear]:
             if isinstance(module, nnx.Linear)}
 
 
-def layer_names(config: SanaConfig) -> tuple[str, ...]:
+def layer_names(config: BackboneConfig) -> tuple[str, ...]:
     """The linear layers of the transformer `config` builds, sorted; nothing is allocated."""
-    return tuple(sorted(linear_layers(nnx.eval_shape(lambda: SanaTransformer(config, rngs=nnx.Rngs(0))))))
+    return tuple(sorted(linear_layers(abstract_backbone(config))))
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -157,7 +157,7 @@ def matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
-def plan(config: SanaConfig, bits: int, keep: Sequence[str] = DEFAULT_KEEP) -> Quantization:
+def plan(config: BackboneConfig, bits: int, keep: Sequence[str] = DEFAULT_KEEP) -> Quantization:
     """The Quantization of `config`'s layers at `bits`, keeping the layers `keep` matches; each
     pattern must match a layer and at least one layer must be left to quantize."""
     if bits not in QTYPES:
@@ -214,7 +214,7 @@ def _quantized_param(kernel: nnx.Param, bits: int) -> WithAux:
     return WithAux(QArray(update_boxed(kernel, value=qvalue), update_boxed(kernel, value=q.scale), qtype=qtype), how)
 
 
-def install_quantized(model: SanaTransformer, quantization: Quantization) -> None:
+def install_quantized(model: Backbone, quantization: Quantization) -> None:
     """In place: every layer of `quantization` gets its kernel quantized (see _quantized_param)."""
     layers = linear_layers(model)
     missing = sorted(set(quantization.layers) - set(layers))
@@ -229,7 +229,7 @@ def install_quantized(model: SanaTransformer, quantization: Quantization) -> Non
         layers[name].kernel = _quantized_param(layers[name].kernel, quantization.bits)
 
 
-def intercepted(model: SanaTransformer, quantization: Quantization) -> nnx.Module:
+def intercepted(model: Backbone, quantization: Quantization) -> nnx.Module:
     """A copy of `model` (its layers already installed) whose calls run the quantized layers' matmuls
     through qwix (PtqProvider); the other layers' matmuls are left alone."""
     rule = qwix.QuantizationRule(module_path="|".join(map(re.escape, quantization.layers)), op_names=("dot_general",),
@@ -238,19 +238,19 @@ def intercepted(model: SanaTransformer, quantization: Quantization) -> nnx.Modul
     return qwix.quantize_model(model, qwix.PtqProvider([rule]), skip_nnx_init=True)
 
 
-def quantize_transformer(model: SanaTransformer, quantization: Quantization) -> nnx.Module:
-    """The quantized model of a float SanaTransformer (without LoRA adapters); `model` is unchanged.
+def quantize_transformer(model: Backbone, quantization: Quantization) -> nnx.Module:
+    """The quantized model of a float backbone (without LoRA adapters); `model` is unchanged.
     Called like `model` (few_step_sample, TextToImage); nnx.state holds int8/int4 qvalues."""
     copy = nnx.clone(model)
     install_quantized(copy, quantization)
     return intercepted(copy, quantization)
 
 
-def abstract_quantized_model(config: SanaConfig, quantization: Quantization, precision: Precision = FP32) -> nnx.Module:
+def abstract_quantized_model(config: BackboneConfig, quantization: Quantization, precision: Precision = FP32) -> nnx.Module:
     """The quantized model's structure with ShapeDtypeStructs for weights: what load_params fills."""
 
     def build():
-        model = SanaTransformer(config, precision=precision, rngs=nnx.Rngs(0))
+        model = build_backbone(config, precision=precision, rngs=nnx.Rngs(0))
         install_quantized(model, quantization)
         return intercepted(model, quantization)
 
@@ -293,7 +293,7 @@ def _stored_precision(path: Path) -> Precision:
                      compute_dtype="float32")
 
 
-def load_float_model(path: str | Path) -> SanaTransformer:
+def load_float_model(path: str | Path) -> Backbone:
     """The float model of an unquantized checkpoint, its LoRA adapters (if any) folded in."""
     path = Path(path)
     quantization = read_quantization(path)
@@ -301,12 +301,10 @@ def load_float_model(path: str | Path) -> SanaTransformer:
         raise QuantizationError(f"{path} is already quantized ({quantization.bits}-bit); quantize the checkpoint "
                                 f"it was made from instead")
     config, precision = read_model_config(path), _stored_precision(path)
-    graphdef, abstract = nnx.split(nnx.eval_shape(
-        lambda: SanaTransformer(config, precision=precision, rngs=nnx.Rngs(0))))
+    graphdef, abstract = nnx.split(abstract_backbone(config, precision))
     merged_config, params = merge_lora(config, load_params(path, config, abstract))
     if merged_config is not config:  # adapters folded: the plain architecture's graph
-        graphdef = nnx.graphdef(nnx.eval_shape(
-            lambda: SanaTransformer(merged_config, precision=precision, rngs=nnx.Rngs(0))))
+        graphdef = nnx.graphdef(abstract_backbone(merged_config, precision))
     return nnx.merge(graphdef, params)
 
 
@@ -407,7 +405,7 @@ def relative_mse(x: jax.Array, reference: jax.Array) -> float:
     return float(jnp.mean(jnp.square(x - reference)) / jnp.mean(jnp.square(reference)))
 
 
-def layer_sensitivity(model: SanaTransformer, inputs: SweepInputs, bits: int,
+def layer_sensitivity(model: Backbone, inputs: SweepInputs, bits: int,
                       groups: Sequence[str] = SENSITIVITY_GROUPS) -> dict[str, float]:
     """For each group (a keep pattern) that matches a layer of the float `model`: the relative MSE of
     the latents sampled from `inputs` with only that group quantized to `bits`, against `model`'s.

@@ -5,7 +5,6 @@ architecture and sampler before any weights exist. Checkpoints are sampled by pi
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 
@@ -15,15 +14,15 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from s2flash_jax.config import Config
+from s2flash_jax.config import Config, config_to_json
 from s2flash_jax.flows.flow_matching import standard_normal
-from s2flash_jax.models.sana import SanaTransformer
+from s2flash_jax.models.backbone import Backbone, build_backbone
 from s2flash_jax.outputs import fresh_output_dir, image_grid
 from s2flash_jax.sampling import few_step_sample, latent_preview
 from s2flash_jax.storage import PathLike, resolve
 
 
-def sample_latents(model: SanaTransformer, config: Config) -> jax.Array:
+def sample_latents(model: Backbone, config: Config) -> jax.Array:
     """Sample from seeded noise with an empty (one all-zero token) caption. Returns unit-scale
     latents [B, H, W, C_out]."""
     mcfg, scfg = model.config, config.sample
@@ -45,7 +44,7 @@ def run_sample(config: Config, out: PathLike, *, force: bool) -> epath.Path:
     out = resolve(out)
     with fresh_output_dir(out, force=force) as staging:
         start = time.perf_counter()
-        model = SanaTransformer(config.model, precision=config.precision, rngs=nnx.Rngs(config.seed))
+        model = build_backbone(config.model, precision=config.precision, rngs=nnx.Rngs(config.seed))
         n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
         print(f"model: {config.model.num_layers} layers, width {config.model.inner_dim}, "
               f"{n_params / 1e6:.2f}M parameters (random init, seed {config.seed}); built in "
@@ -60,6 +59,6 @@ def run_sample(config: Config, out: PathLike, *, force: bool) -> epath.Path:
             raise FloatingPointError("sampling produced non-finite latents; nothing was written")
         np.save(staging / "latents.npy", latents)
         image_grid(latent_preview(latents)).save(staging / "preview.png")
-        (staging / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        (staging / "config.json").write_text(json.dumps(config_to_json(config), indent=2) + "\n")
     print(f"wrote {out}/latents.npy, preview.png, config.json", flush=True)
     return out

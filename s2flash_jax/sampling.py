@@ -14,10 +14,10 @@ import numpy as np
 from s2flash_jax.flows.flow_matching import classifier_free_guidance, euler_sample
 from s2flash_jax.flows.twinflow import any_step_sample, sampling_times
 from s2flash_jax.flows.trigflow import SIGMA_DATA, scm_sample, scm_timesteps, trigflow_from_flow_matching
-from s2flash_jax.models.sana import SanaTransformer
+from s2flash_jax.models.backbone import Backbone
 
 
-def few_step_sample(model: SanaTransformer, noise: jax.Array, caption: jax.Array, caption_mask: jax.Array | None,
+def few_step_sample(model: Backbone, noise: jax.Array, caption: jax.Array, caption_mask: jax.Array | None,
                     key: jax.Array, *, steps: int, guidance_scale: float, flow_shift: float = 1.0,
                     null_caption: jax.Array | None = None) -> jax.Array:
     """Unit-scale latents [B, H, W, C] from noise [B, H, W, C] for captions [B, L, C_text].

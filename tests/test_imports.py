@@ -86,3 +86,17 @@ def test_recipes_do_not_import_each_other():
     graph = import_graph()
     recipes = {m for m in graph if m.startswith("s2flash_jax.recipes.")} - shared
     assert {m: sorted(graph[m] & recipes) for m in recipes if graph[m] & recipes} == {}
+
+
+def test_only_the_sana_backbone_names_its_classes():
+    """The engine depends on the Backbone protocol (models/backbone.py): a second backbone needs no
+    change outside its own files. conversion/ holds SANA's diffusers converters."""
+    sana = {"SanaTransformer", "SanaConfig"}
+
+    def names_sana(node) -> bool:
+        return (isinstance(node, ast.Name) and node.id in sana or isinstance(node, ast.Attribute) and node.attr in sana
+                or isinstance(node, ast.alias) and node.name in sana)
+
+    naming = sorted(module_name(path) for path in PACKAGE.rglob("*.py") if module_name(path) != "s2flash_jax.models.sana"
+                    and any(names_sana(node) for node in ast.walk(ast.parse(path.read_text()))))
+    assert naming == []

@@ -156,10 +156,19 @@ def abstract_backbone(config: Any, precision: Precision = Precision()) -> Backbo
     return nnx.eval_shape(lambda: build_backbone(config, precision=precision, rngs=nnx.Rngs(0)))
 
 
-def config_from_fields(fields: Mapping[str, Any], kind: str | None = None) -> Any:
-    """The architecture config of `kind` (DEFAULT_KIND when None) from its field values (model.json's
-    "model", a run's config.json "model" / "teacher")."""
-    return backbone_kind(kind or DEFAULT_KIND).config_class(**fields)
+def architecture_to_json(config: Any) -> dict[str, Any]:
+    """{"kind": ..., **fields}: how model.json's "model" and a run's config.json "model" / "teacher"
+    store an architecture."""
+    return {"kind": kind_of(config).name, **dataclasses.asdict(config)}
+
+
+def architecture_from_json(data: Mapping[str, Any]) -> Any:
+    """The architecture config architecture_to_json wrote; without "kind" (written before kinds were
+    recorded) it is DEFAULT_KIND's. ValueError / TypeError name what does not fit."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f"a model architecture should be a JSON object, got {data!r}")
+    fields = dict(data)
+    return backbone_kind(fields.pop("kind", DEFAULT_KIND)).config_class(**fields)
 
 
 def missing_capabilities(config: Any, needed: Sequence[str]) -> list[str]:

@@ -1,4 +1,4 @@
-"""LoRA adapters of a SanaTransformer (SanaConfig.lora_rank): which parameters they are, and folding
+"""LoRA adapters of a backbone (its config's lora_rank): which parameters they are, and folding
 them into the base weights.
 
 An adapted layer (models/layers.py LoRALinear) holds kernel [in, out], lora_a [in, r] and lora_b
@@ -14,18 +14,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from s2flash_jax.models.sana import SanaConfig
+from s2flash_jax.models.backbone import BackboneConfig
 
 # train.trainable pattern that selects exactly the adapters (parameter paths such as
 # 'transformer_blocks/attn1/to_q/lora_a'; no other parameter of the model is named lora_*).
 ADAPTER_PATTERN = "*/lora_[ab]"
 ADAPTER_NAMES = ("lora_a", "lora_b")
-_NO_ADAPTERS = {f.name: f.default for f in dataclasses.fields(SanaConfig) if f.name.startswith("lora_")}
 
 
-def without_adapters(config: SanaConfig) -> SanaConfig:
-    """`config` with every lora_* key at its default: the architecture of the merged model."""
-    return dataclasses.replace(config, **_NO_ADAPTERS)
+def without_adapters(config: BackboneConfig) -> BackboneConfig:
+    """`config` with every LoRA key (its class's LORA_KEYS) at its default: the architecture of the
+    merged model."""
+    keys = type(config).LORA_KEYS
+    return dataclasses.replace(config, **{f.name: f.default for f in dataclasses.fields(config) if f.name in keys})
 
 
 def folded_kernel(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale: float) -> jax.Array:
@@ -35,10 +36,10 @@ def folded_kernel(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale
     return (jnp.asarray(kernel, jnp.float32) + scale * update).astype(kernel.dtype)
 
 
-def merge_lora(config: SanaConfig, params: nnx.State) -> tuple[SanaConfig, nnx.State]:
+def merge_lora(config: BackboneConfig, params: nnx.State) -> tuple[BackboneConfig, nnx.State]:
     """Fold every adapter into its base kernel: (the config without adapters, its parameters).
 
-    params: the nnx.Param state of a SanaTransformer built from `config` (e.g. nnx.state(model) or a
+    params: the nnx.Param state of the backbone built from `config` (e.g. nnx.state(model) or a
     train state's student). The merged model computes what the adapted one does, up to rounding.
     A config without adapters is returned as it is, with its params.
     """

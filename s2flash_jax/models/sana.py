@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from s2flash_jax.models.attention import CrossAttention, LinearSelfAttention
+from s2flash_jax.models.backbone import CAPABILITIES, BackboneKind
 from s2flash_jax.models.embeddings import CaptionProjection, TimestepMLP, sincos_pos_embed_2d, timestep_sinusoid
 from s2flash_jax.models.layers import DepthwiseConv, LayerNorm, LoRA, RMSNorm, dense, layer_norm, modulate, stacked
 from s2flash_jax.precision import Precision
@@ -453,3 +454,13 @@ class SanaTransformer(nnx.Module):
         h, _ = jax.lax.scan(run_block, h, blocks, unroll=self.config.scan_unroll)
         return h
 
+
+# A student started from its teacher gets these of its own parameters zeroed, so that at step 0 it
+# computes exactly the teacher's velocity, whatever its guidance input. Only the guidance embedder's
+# output layer: zeroing its input layer too (diffusers' training script zeroes all four tensors)
+# leaves silu(0) = 0 between the two, and neither would ever get a gradient. The logvar head, which
+# weights the sCM loss and does not enter the velocity, keeps its xavier initialisation: zeroed, it
+# made the shapes student's 1-step Fréchet distance 132 instead of 35 (docs/teacher.md).
+BACKBONE = BackboneKind("sana", SanaConfig, SanaTransformer, capabilities=frozenset(CAPABILITIES),
+                        zeroed_in_new_student=("time_embed/guidance_embedder/linear_2/",),
+                        lora_targets=LORA_TARGETS, converters="conversion.sana_diffusers")

@@ -18,8 +18,8 @@ from flax import nnx
 
 from s2flash_jax.flows.trigflow import SIGMA_DATA, flow_input, scm_timesteps, trigflow_from_flow_matching
 from s2flash_jax.losses.scm import SCMConfig
+from s2flash_jax.models.backbone import Backbone, BackboneConfig, build_backbone, kind_of
 from s2flash_jax.models.discriminator import ConvDiscriminatorHeads
-from s2flash_jax.models.sana import SanaConfig, SanaTransformer
 from s2flash_jax.recipes.base import DistillState, phase_count
 from s2flash_jax.train.optim import optimizer, optimizer_from_config
 
@@ -71,7 +71,7 @@ class TrigFlowNetworks:
 
         return student
 
-    def frozen_teacher(self, state: DistillState) -> SanaTransformer:
+    def frozen_teacher(self, state: DistillState) -> Backbone:
         """The teacher with its parameters under stop_gradient: it never receives a gradient."""
         return nnx.merge(self.teacher, jax.lax.stop_gradient(state.frozen["teacher"]))
 
@@ -93,7 +93,7 @@ class TrigFlowNetworks:
         return teacher
 
 
-def check_student_and_teacher(student: SanaTransformer, teacher: SanaTransformer, scm: SCMConfig,
+def check_student_and_teacher(student: Backbone, teacher: Backbone, scm: SCMConfig,
                               null_caption: jax.Array | None = None) -> list[str]:
     """What keeps a SANA-Sprint-style student from being distilled from `teacher` (with this
     unconditional caption [L, caption_channels], when given), as messages."""
@@ -107,10 +107,11 @@ def check_student_and_teacher(student: SanaTransformer, teacher: SanaTransformer
     if t.guidance_embeds:
         problems.append("the teacher must be a flow model without guidance embedding (guidance_embeds=False)")
     if s.flow_time_scale != t.flow_time_scale:
-        problems.append(f"the teacher's time embedder is fed {t.flow_time_scale:g}·s (timestep_scale={t.timestep_scale}) "
+        problems.append(f"the teacher's time embedder is fed {t.flow_time_scale:g}·s "
                         f"but the student's {s.flow_time_scale:g}·s: a SANA-Sprint student uses the dense time "
                         "embedding (s itself); convert the teacher with `s2flash prepare-teacher`")
-    if s.qk_norm != t.qk_norm:
+    # Backbones without query/key norms have nothing to disagree on.
+    if getattr(s, "qk_norm", None) != getattr(t, "qk_norm", None):
         problems.append(f"the student has qk_norm={s.qk_norm!r} but the teacher {t.qk_norm!r}: a student copied from "
                         "it would start with untrained norms; add them to the teacher with `s2flash prepare-teacher`")
     if s.inner_dim != t.inner_dim or s.in_channels != t.in_channels:
@@ -133,7 +134,7 @@ def phase_updates_before(step: jax.Array, cycle: Sequence[str], phase: str) -> j
     return (step // len(cycle)) * list(cycle).count(phase) + jnp.asarray(in_prefix)[step % len(cycle)]
 
 
-def conv_discriminator_for(teacher: SanaConfig, config: Any, *, rngs: nnx.Rngs) -> ConvDiscriminatorHeads:
+def conv_discriminator_for(teacher: BackboneConfig, config: Any, *, rngs: nnx.Rngs) -> ConvDiscriminatorHeads:
     """One conv head per block in config.block_ids, as wide as the teacher (its config), on its token
     grid (any recipe config with block_ids: SD3.5-Flash's too)."""
     side = teacher.sample_size // teacher.patch_size
@@ -162,13 +163,13 @@ def null_caption_of(config, channels: int) -> jax.Array:
     return jnp.zeros((config.data.caption_length, channels), jnp.float32)
 
 
-def student_and_teacher(config, seeds, teacher_params) -> tuple[SanaTransformer, SanaTransformer]:
+def student_and_teacher(config, seeds, teacher_params) -> tuple[Backbone, Backbone]:
     """config.model and config.teacher freshly initialised from seeds[0] / seeds[1], the teacher
     holding teacher_params where given."""
     if config.teacher is None:
         raise ValueError("config.teacher is not set: distillation needs the teacher's architecture")
-    student = SanaTransformer(config.model, precision=config.precision, rngs=nnx.Rngs(seeds[0]))
-    teacher = SanaTransformer(config.teacher, precision=config.precision, rngs=nnx.Rngs(seeds[1]))
+    student = build_backbone(config.model, precision=config.precision, rngs=nnx.Rngs(seeds[0]))
+    teacher = build_backbone(config.teacher, precision=config.precision, rngs=nnx.Rngs(seeds[1]))
     if teacher_params is not None:
         nnx.update(teacher, teacher_params)
     return student, teacher
@@ -179,7 +180,7 @@ def distilled_from_teacher(config, distill: DistillState) -> DistillState:
     in train.teacher_dtype."""
     if config.train.init_student_from_teacher:
         distill = distill.replace(params={**distill.params, "student": student_from_teacher(
-            distill.frozen["teacher"], distill.params["student"])})
+            distill.frozen["teacher"], distill.params["student"], kind_of(config.model).zeroed_in_new_student)})
     if config.train.teacher_dtype == "bfloat16":
         distill = distill.replace(frozen={**distill.frozen, "teacher": jax.tree.map(
             lambda x: x.astype(jnp.bfloat16), distill.frozen["teacher"])})
@@ -211,20 +212,12 @@ def student_and_partner_optimizers(config, cycle, partners: Sequence[str] = ("di
                for name in partners}}
 
 
-# A student started from its teacher gets these of its own parameters zeroed, so that at step 0 it
-# computes exactly the teacher's velocity, whatever its guidance input. Only the guidance embedder's
-# output layer: zeroing its input layer too (diffusers' training script zeroes all four tensors)
-# leaves silu(0) = 0 between the two, and neither would ever get a gradient. The logvar head, which
-# weights the sCM loss and does not enter the velocity, keeps its xavier initialisation: zeroed, it
-# made the shapes student's 1-step Fréchet distance 132 instead of 35 (docs/teacher.md).
-ZEROED_IN_A_NEW_STUDENT = ("time_embed/guidance_embedder/linear_2/",)
-
-
-def student_from_teacher(teacher: nnx.State, student: nnx.State) -> nnx.State:
-    """The student with every parameter it shares with the teacher copied (copy_shared) and its
-    guidance embedder's output layer zero (ZEROED_IN_A_NEW_STUDENT)."""
+def student_from_teacher(teacher: nnx.State, student: nnx.State, zeroed: Sequence[str]) -> nnx.State:
+    """The student with every parameter it shares with the teacher copied (copy_shared) and those
+    under the '/'-joined path prefixes `zeroed` zero (its backbone kind's zeroed_in_new_student)."""
+    zeroed = tuple(zeroed)
     flat = [(path, var.replace(jnp.zeros_like(var.get_value()))
-             if "/".join(map(str, path)).startswith(ZEROED_IN_A_NEW_STUDENT) else var)
+             if zeroed and "/".join(map(str, path)).startswith(zeroed) else var)
             for path, var in nnx.to_flat_state(copy_shared(teacher, student))]
     return nnx.from_flat_state(flat)
 

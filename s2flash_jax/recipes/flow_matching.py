@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from s2flash_jax.flows.flow_matching import per_example, standard_normal
-from s2flash_jax.models.sana import SanaTransformer
+from s2flash_jax.models.backbone import Backbone, build_backbone
 from s2flash_jax.recipes.base import DistillState, Phase, Recipe
 from s2flash_jax.recipes.common import null_caption_batch, null_caption_of, product_optimizer
 from s2flash_jax.recipes.registry import RecipeEntry
@@ -49,7 +49,7 @@ def null_captioned(key: jax.Array, caption: jax.Array, caption_mask: jax.Array, 
     return (jnp.where(drop[:, None, None], null, caption), jnp.where(drop[:, None], null_mask, caption_mask))
 
 
-def flow_matching(model: SanaTransformer, null_caption: jax.Array, null_caption_mask: jax.Array | None = None,
+def flow_matching(model: Backbone, null_caption: jax.Array, null_caption_mask: jax.Array | None = None,
                   config: FlowMatchingConfig = FlowMatchingConfig(),
                   optimizer: optax.GradientTransformation | None = None) -> tuple[Recipe, DistillState]:
     """The flow-matching recipe for `model` and its initial state.
@@ -87,7 +87,7 @@ def flow_matching(model: SanaTransformer, null_caption: jax.Array, null_caption_
 
 
 def build(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
-    model = SanaTransformer(config.model, precision=config.precision, rngs=nnx.Rngs(seeds[0]))
+    model = build_backbone(config.model, precision=config.precision, rngs=nnx.Rngs(seeds[0]))
     return flow_matching(model, null_caption_of(config, config.model.caption_channels), config=config.flow_matching,
                          optimizer=product_optimizer(config))
 

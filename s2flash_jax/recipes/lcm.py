@@ -22,14 +22,14 @@ from s2flash_jax.flows.flow_matching import classifier_free_guidance
 from s2flash_jax.flows.trigflow import consistency_fn, ddim_step, noised
 from s2flash_jax.losses.lcm import LCMConfig, lcm_loss, solver_grid, solver_intervals
 from s2flash_jax.losses.scm import sample_guidance_scales
-from s2flash_jax.models.sana import SanaTransformer
+from s2flash_jax.models.backbone import Backbone
 from s2flash_jax.recipes.base import DistillState, Phase, Recipe
 from s2flash_jax.recipes.common import (
     TrigFlowNetworks, check_student_and_teacher, reference_optimizer, student_only_builder)
 from s2flash_jax.recipes.registry import DemoEntry, RecipeEntry
 
 
-def lcm(student: SanaTransformer, teacher: SanaTransformer, null_caption: jax.Array,
+def lcm(student: Backbone, teacher: Backbone, null_caption: jax.Array,
         config: LCMConfig = LCMConfig(), optimizer: optax.GradientTransformation | None = None
         ) -> tuple[Recipe, DistillState]:
     """The LCM recipe over these networks, and its initial state (null_caption: [L, caption_channels],

@@ -55,8 +55,8 @@ from s2flash_jax.losses import ladd
 from s2flash_jax.losses.adversarial import GAN_LOSSES
 from s2flash_jax.losses.r1 import r1_penalty
 from s2flash_jax.losses.scm import SCMConfig, consistency_loss, sample_guidance_scales
+from s2flash_jax.models.backbone import Backbone
 from s2flash_jax.models.discriminator import ConvDiscriminatorHeads
-from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.recipes.base import DistillState, Phase, Recipe
 from s2flash_jax.recipes.common import (
     TrigFlowNetworks, check_student_and_teacher, conv_discriminator_for, distilled_from_teacher, null_caption_batch,
@@ -262,7 +262,7 @@ class S2FlashNetworks:
         return loss + r1, (metrics, {})
 
 
-def s2flash(student: SanaTransformer, teacher: SanaTransformer, discriminator: ConvDiscriminatorHeads,
+def s2flash(student: Backbone, teacher: Backbone, discriminator: ConvDiscriminatorHeads,
             null_caption: jax.Array, config: S2FlashConfig = S2FlashConfig(), *, shift: float = 1.0,
             optimizers: dict[str, optax.GradientTransformation] | None = None) -> tuple[Recipe, DistillState]:
     """The S2-Flash recipe over these networks, and its initial state.

@@ -28,8 +28,8 @@ from flax import nnx
 from s2flash_jax.flows.trigflow import consistency_fn, flow_input, noised
 from s2flash_jax.losses import ladd
 from s2flash_jax.losses.scm import SCMConfig, sample_guidance_scales, scm_loss
+from s2flash_jax.models.backbone import Backbone
 from s2flash_jax.models.discriminator import DiscriminatorHeads
-from s2flash_jax.models.sana import SanaTransformer
 from s2flash_jax.recipes.base import DistillState, Phase, Recipe
 from s2flash_jax.recipes.common import (
     TrigFlowNetworks, check_student_and_teacher, distilled_from_teacher, null_caption_of, reference_optimizer,
@@ -45,7 +45,7 @@ class SanaSprintConfig:
     cycle: Sequence[str] = ("generator", "discriminator")
 
 
-def discriminator_for(teacher: SanaTransformer, config: SanaSprintConfig, *, rngs: nnx.Rngs) -> DiscriminatorHeads:
+def discriminator_for(teacher: Backbone, config: SanaSprintConfig, *, rngs: nnx.Rngs) -> DiscriminatorHeads:
     """One head per teacher block in config.ladd.block_ids, as wide as the teacher."""
     return DiscriminatorHeads(teacher.config.inner_dim, len(config.ladd.block_ids), rngs=rngs)
 
@@ -126,7 +126,7 @@ class SprintNetworks(TrigFlowNetworks):
         return loss, (metrics, {"discriminator": jax.lax.stop_gradient(stats)})
 
 
-def sana_sprint(student: SanaTransformer, teacher: SanaTransformer, discriminator: DiscriminatorHeads,
+def sana_sprint(student: Backbone, teacher: Backbone, discriminator: DiscriminatorHeads,
                 null_caption: jax.Array, null_caption_mask: jax.Array | None = None,
                 config: SanaSprintConfig = SanaSprintConfig(),
                 optimizers: dict[str, optax.GradientTransformation] | None = None) -> tuple[Recipe, DistillState]:

@@ -61,7 +61,7 @@ from s2flash_jax.losses.dmd import (
     DM_FLOW_TIME_RANGE, TIME_MODES, X0Fn, distribution_matching, fake_score_loss, guided_x0, sample_times,
     student_steps, x0_predictor)
 from s2flash_jax.losses.scm import SCMConfig
-from s2flash_jax.models.sana import SanaTransformer
+from s2flash_jax.models.backbone import Backbone
 from s2flash_jax.models.discriminator import ConvDiscriminatorHeads
 from s2flash_jax.recipes.base import DistillState, Phase, Recipe
 from s2flash_jax.recipes.common import (
@@ -330,7 +330,7 @@ class SD35FlashNetworks:
         return loss, ({**metrics, "sd35_flash/fake_score_time": jnp.mean(t)}, {})
 
 
-def sd35_flash(student: SanaTransformer, teacher: SanaTransformer, null_caption: jax.Array,
+def sd35_flash(student: Backbone, teacher: Backbone, null_caption: jax.Array,
                config: SD35FlashConfig = SD35FlashConfig(), *, shift: float = 1.0,
                discriminator: ConvDiscriminatorHeads | None = None,
                optimizers: dict[str, optax.GradientTransformation] | None = None) -> tuple[Recipe, DistillState]:

@@ -28,7 +28,7 @@ from flax import nnx
 from s2flash_jax.flows.flow_matching import classifier_free_guidance, standard_normal
 from s2flash_jax.flows.trajectories import ROUTE_STRATEGIES, reference_route, route_times, teacher_trajectory
 from s2flash_jax.losses.scm import SCMConfig, consistency_loss, sample_guidance_scales
-from s2flash_jax.models.sana import SanaTransformer
+from s2flash_jax.models.backbone import Backbone
 from s2flash_jax.recipes.base import DistillState, Phase, Recipe
 from s2flash_jax.recipes.common import (
     TrigFlowNetworks, check_student_and_teacher, reference_optimizer, student_only_builder)
@@ -139,7 +139,7 @@ def replay_draw(buffer: dict[str, jax.Array], key: jax.Array, n: int) -> dict[st
     return {k: buffer[k][slots] for k in REPLAY_FIELDS}
 
 
-def tbcm(student: SanaTransformer, teacher: SanaTransformer, null_caption: jax.Array,
+def tbcm(student: Backbone, teacher: Backbone, null_caption: jax.Array,
          config: TBCMConfig = TBCMConfig(), optimizer: optax.GradientTransformation | None = None
          ) -> tuple[Recipe, DistillState]:
     """The TBCM recipe over these networks, and its initial state (null_caption: [L, caption_channels],

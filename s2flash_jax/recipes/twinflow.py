@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from s2flash_jax.losses.twinflow import TwinFlowConfig, twinflow_loss
-from s2flash_jax.models.sana import SanaTransformer
+from s2flash_jax.models.backbone import Backbone, kind_of
 from s2flash_jax.recipes.base import DistillState, Phase, Recipe
 from s2flash_jax.recipes.common import null_caption_batch, null_caption_of, product_optimizer, student_and_teacher, student_from_teacher
 from s2flash_jax.recipes.registry import DemoEntry, RecipeEntry
@@ -38,7 +38,7 @@ def next_target(target: dict, params, config: TwinFlowConfig) -> dict:
     return {"params": ema, "decay": d + (1.0 - d) * (config.target_ema_decay - d) * 0.5}
 
 
-def twinflow(student: SanaTransformer, null_caption: jax.Array, config: TwinFlowConfig = TwinFlowConfig(),
+def twinflow(student: Backbone, null_caption: jax.Array, config: TwinFlowConfig = TwinFlowConfig(),
              optimizer: optax.GradientTransformation | None = None) -> tuple[Recipe, DistillState]:
     """The TwinFlow recipe over `student` (already holding the flow model's weights), and its state.
 
@@ -93,7 +93,8 @@ def build(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
     """TwinFlow keeps no teacher: the flow model (config.teacher) only gives the student its weights."""
     student, teacher = student_and_teacher(config, seeds, teacher_params)
     if config.train.init_student_from_teacher:
-        nnx.update(student, student_from_teacher(nnx.state(teacher), nnx.state(student)))
+        nnx.update(student, student_from_teacher(nnx.state(teacher), nnx.state(student),
+                                                  kind_of(config.model).zeroed_in_new_student))
     return twinflow(student, null_caption_of(config, config.model.caption_channels), config=config.twinflow,
                     optimizer=product_optimizer(config))
 

@@ -2,7 +2,7 @@
 training loop logs as perf/mfu and the benchmark suite reports.
 
 Why not XLA's cost analysis (`compiled.cost_analysis()["flops"]`): it counts the body of a loop
-once, whatever its trip count, and SanaTransformer runs its blocks as one `lax.scan`, so a 28-layer
+once, whatever its trip count, and the SANA backbone runs its blocks as one `lax.scan`, so a 28-layer
 model reports the FLOPs of about one block. Counting the jaxpr instead multiplies each scan body by
 its length. Only matrix products and convolutions are counted (2 FLOPs per multiply-add), the
 usual convention for MFU: elementwise work is a few percent of a transformer's and no accelerator

@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from s2flash_jax.data.pipeline import first_batch
 from s2flash_jax.flows.flow_matching import standard_normal
-from s2flash_jax.models.sana import SanaTransformer
+from s2flash_jax.models.backbone import abstract_backbone
 from s2flash_jax.sampling import few_step_sample
 
 STUDENT_STEPS = (1, 2, 4)
@@ -149,8 +149,7 @@ class HealthMonitor:
         self.history: list[dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else []
         self.latest: dict[str, jax.Array] = {}
         sample, has_teacher = config.sample, config.teacher is not None
-        abstract = lambda c: nnx.graphdef(nnx.eval_shape(  # noqa: E731
-            lambda: SanaTransformer(c, precision=config.precision, rngs=nnx.Rngs(0))))
+        abstract = lambda c: nnx.graphdef(abstract_backbone(c, config.precision))  # noqa: E731
         student_graph = abstract(config.model)
         teacher_graph = abstract(config.teacher) if has_teacher else None
         replicated = NamedSharding(mesh, PartitionSpec())

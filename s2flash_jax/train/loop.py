@@ -27,10 +27,10 @@ from jax.experimental import multihost_utils
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from s2flash_jax.config import Config
+from s2flash_jax.config import Config, config_from_json, config_to_json
 from s2flash_jax.data.pipeline import global_batch, train_batches
 from s2flash_jax.model_checkpoint import save_model
-from s2flash_jax.models.sana import SanaTransformer
+from s2flash_jax.models.backbone import abstract_backbone
 from s2flash_jax.outputs import OutputExists, image_grid, save_image
 from s2flash_jax.parallel.mesh import batch_sharding, make_mesh, sharded_shapes, tree_shardings
 from s2flash_jax.recipes.registry import recipe_entries
@@ -167,7 +167,7 @@ def train(config: Config, out: PathLike, *, resume: bool = False, force: bool = 
                     losses.append({k: float(v) for k, v in jax.device_get(metrics).items()})
                 if step == end or (config.train.checkpoint_every and step % config.train.checkpoint_every == 0):
                     checkpoints.save(step, state, {"step": step, "data_batches": data_start + step - start,
-                                                   "config": _config_json(config)})
+                                                   "config": config_to_json(config)})
                 if sampler and step % config.train.sample_every == 0:
                     sampler.write(state, out / "samples" / f"step_{step:07d}.png", logger, step, primary)
     finally:
@@ -220,15 +220,13 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def _config_json(config: Config) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as in the saved file
 
 
 def _changed_keys(saved: epath.Path, config: Config, allowed: tuple[str, ...]) -> list[str]:
     """The dotted keys in which `config` differs from the config.json `saved`, apart from `allowed`
     (a key, or a prefix ending in '.')."""
-    old = _flatten(json.loads(saved.read_text()))
-    new = _flatten(_config_json(config))
+    old = _flatten(config_to_json(config_from_json(json.loads(saved.read_text()))))  # older files say less
+    new = _flatten(config_to_json(config))
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
                   and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in allowed))
 
@@ -306,7 +304,7 @@ def _create_run_dir(config: Config, out: epath.Path, forked: _Forked | None = No
     out.mkdir(parents=True)
     if forked is not None:
         _record_fork(out, forked)
-    (out / "config.json").write_text(json.dumps(_config_json(config), indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(config_to_json(config), indent=2) + "\n")
 
 
 def _data_iterator(config: Config, batch_size: int, process_index: int, process_count: int, latents: bool,
@@ -336,8 +334,7 @@ class _Sampler:
         self.product = product
         self.caption, self.mask, self.noise = held_out_batch(config, mesh, config.train.sample_count)
         replicated = NamedSharding(mesh, PartitionSpec())
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: SanaTransformer(m, precision=config.precision,
-                                                                       rngs=nnx.Rngs(0))))
+        graphdef = nnx.graphdef(abstract_backbone(m, config.precision))
         guidance = config.sample.guidance_scale
         steps = SAMPLE_STEPS if m.few_step else FLOW_SAMPLE_STEPS
 

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from s2flash_jax.config import ConfigError
 from s2flash_jax.model_checkpoint import CheckpointError, check_architecture, load_params, read_model_config
-from s2flash_jax.models.sana import SanaConfig, SanaTransformer
+from s2flash_jax.models.backbone import abstract_backbone
 from s2flash_jax.parallel.mesh import tree_shardings
 from s2flash_jax.recipes.base import DistillState, Recipe
 from s2flash_jax.recipes.common import copy_shared
@@ -68,8 +68,7 @@ class Initialiser:
 
     def _load(self, path: str, model, mesh: Mesh) -> nnx.State:
         # Outside the mesh context: there, NNX would read the logical axis names as mesh axes.
-        abstract = nnx.state(nnx.eval_shape(lambda: SanaTransformer(
-            model, precision=self.config.precision, rngs=nnx.Rngs(0))))
+        abstract = nnx.state(abstract_backbone(model, self.config.precision))
         return load_params(path, model, abstract, tree_shardings(abstract, mesh))
 
 
@@ -146,7 +145,7 @@ def initialiser(config) -> Initialiser:
     if config.train.init_checkpoint:
         # Adapters the checkpoint lacks start at their initialisation (B = 0: the same function).
         check_architecture(config.train.init_checkpoint, config.model,
-                           ignoring=SanaConfig.LORA_KEYS if not read_model_config(config.train.init_checkpoint).lora_rank
+                           ignoring=type(config.model).LORA_KEYS if not read_model_config(config.train.init_checkpoint).lora_rank
                            else ())
     return Initialiser(box["recipe"], init, abstract, config)
 
