@@ -147,8 +147,10 @@ def kind_of(config: Any) -> BackboneKind:
 
 
 def build_backbone(config: Any, *, precision: Precision = Precision(), rngs: nnx.Rngs) -> Backbone:
-    """The backbone `config` describes, initialised from `rngs`."""
-    return kind_of(config).module(config, precision=precision, rngs=rngs)
+    """The backbone `config` describes, initialised from `rngs`. Its parameters carry logical axis
+    names only (parallel/ maps them to a mesh when it shards), wherever it is built."""
+    with nnx.use_eager_sharding(False):
+        return kind_of(config).module(config, precision=precision, rngs=rngs)
 
 
 def abstract_backbone(config: Any, precision: Precision = Precision()) -> Backbone:

@@ -28,7 +28,7 @@ from flax import nnx
 from s2flash_jax.flows.trigflow import consistency_fn, flow_input, noised
 from s2flash_jax.losses import ladd
 from s2flash_jax.losses.scm import SCMConfig, sample_guidance_scales, scm_loss
-from s2flash_jax.models.backbone import Backbone
+from s2flash_jax.models.backbone import BLOCK_FEATURES, Backbone, kind_of, missing_capabilities
 from s2flash_jax.models.discriminator import DiscriminatorHeads
 from s2flash_jax.recipes.base import DistillState, Phase, Recipe
 from s2flash_jax.recipes.common import (
@@ -39,10 +39,18 @@ from s2flash_jax.recipes.registry import DemoEntry, RecipeEntry
 
 @dataclasses.dataclass(frozen=True)
 class SanaSprintConfig:
+    """cycle: ("generator", "discriminator") alternates the student's sCM + LADD update with the
+    discriminator's (SANA-Sprint); ("generator",) trains sCM alone, with no discriminator (a
+    backbone without block features, or an ablation)."""
+
     scm: SCMConfig = SCMConfig()
     ladd: ladd.LADDConfig = ladd.LADDConfig()
     scm_weight: float = 1.0
     cycle: Sequence[str] = ("generator", "discriminator")
+
+    @property
+    def adversarial(self) -> bool:
+        return "discriminator" in self.cycle
 
 
 def discriminator_for(teacher: Backbone, config: SanaSprintConfig, *, rngs: nnx.Rngs) -> DiscriminatorHeads:
@@ -88,6 +96,8 @@ class SprintNetworks(TrigFlowNetworks):
         student = self.student_fn(batch)
         scm, metrics = scm_loss(student, params, self.teacher_fn(state, batch), x0, w, scm_key, state.step,
                                 cfg.scm)
+        if self.discriminator is None:
+            return cfg.scm_weight * scm, (metrics, {})
         fake = self.student_sample(student, params, x0, w, sample_key)
         t_d = ladd.discriminator_times(t_key, x0.shape[0], cfg.ladd, cfg.scm.sigma_data)
         logits, _ = self.discriminator_logits(
@@ -126,7 +136,7 @@ class SprintNetworks(TrigFlowNetworks):
         return loss, (metrics, {"discriminator": jax.lax.stop_gradient(stats)})
 
 
-def sana_sprint(student: Backbone, teacher: Backbone, discriminator: DiscriminatorHeads,
+def sana_sprint(student: Backbone, teacher: Backbone, discriminator: DiscriminatorHeads | None,
                 null_caption: jax.Array, null_caption_mask: jax.Array | None = None,
                 config: SanaSprintConfig = SanaSprintConfig(),
                 optimizers: dict[str, optax.GradientTransformation] | None = None) -> tuple[Recipe, DistillState]:
@@ -135,44 +145,59 @@ def sana_sprint(student: Backbone, teacher: Backbone, discriminator: Discriminat
     null_caption: [L, caption_channels], the teacher's unconditional caption (SANA's learned
     y_embedding, or the text encoder's empty-prompt embedding); L must be the batches' caption
     length. null_caption_mask: [L], or None to use each prompt's own mask as NVlabs does.
-    optimizers default to `reference_optimizer()` for both networks.
+    discriminator: the LADD heads, exactly when config.cycle has a discriminator phase (None: sCM
+    alone). optimizers default to `reference_optimizer()` for each trained network.
     """
     _check_networks(student, teacher, discriminator, null_caption, config)
     s_graph, s_params = nnx.split(student)
     t_graph, t_params = nnx.split(teacher)
-    d_graph, d_params, d_stats = nnx.split(discriminator, nnx.Param, nnx.BatchStat)
+    params, stats = {"student": s_params}, {}
+    d_graph = None
+    if discriminator is not None:
+        d_graph, params["discriminator"], stats["discriminator"] = nnx.split(discriminator, nnx.Param, nnx.BatchStat)
     nets = SprintNetworks(s_graph, t_graph, d_graph, config)
-    optimizers = optimizers or {"student": reference_optimizer(), "discriminator": reference_optimizer()}
+    phases = {"generator": Phase("generator", "student", nets.generator_loss)}
+    if discriminator is not None:
+        phases["discriminator"] = Phase("discriminator", "discriminator", nets.discriminator_loss)
     recipe = Recipe(
-        name="sana_sprint", trains=("student", "discriminator"), frozen=("teacher", "null_caption"),
-        phases={"generator": Phase("generator", "student", nets.generator_loss),
-                "discriminator": Phase("discriminator", "discriminator", nets.discriminator_loss)},
-        cycle=tuple(config.cycle), optimizers=optimizers, product="student")
+        name="sana_sprint", trains=tuple(params), frozen=("teacher", "null_caption"), phases=phases,
+        cycle=tuple(config.cycle), optimizers=optimizers or {name: reference_optimizer() for name in params},
+        product="student")
     state = recipe.init_state(
-        params={"student": s_params, "discriminator": d_params},
+        params=params,
         frozen={"teacher": t_params, "null_caption": jnp.asarray(null_caption),
                 "null_caption_mask": None if null_caption_mask is None else jnp.asarray(null_caption_mask)},
-        stats={"discriminator": d_stats})
+        stats=stats)
     return recipe, state
 
 
 def _check_networks(student, teacher, discriminator, null_caption, config: SanaSprintConfig):
     problems = check_student_and_teacher(student, teacher, config.scm, null_caption)
+    if (discriminator is not None) != config.adversarial:
+        problems.append(f"cycle {list(config.cycle)} {'has' if config.adversarial else 'has no'} discriminator phase "
+                        f"but {'no' if discriminator is None else 'a'} discriminator was given")
     ids = list(config.ladd.block_ids)
-    if max(ids) >= teacher.config.num_layers or min(ids) < 0:
+    if discriminator is not None and (max(ids) >= teacher.config.num_layers or min(ids) < 0):
         problems.append(f"ladd.block_ids {ids} must name teacher blocks in [0, {teacher.config.num_layers})")
-    if len(discriminator.heads) != len(ids):
+    if discriminator is not None and len(discriminator.heads) != len(ids):
         problems.append(f"the discriminator has {len(discriminator.heads)} heads for {len(ids)} block_ids")
     if problems:
         raise ValueError("SANA-Sprint networks do not fit together: " + "; ".join(problems))
 
 
 def build(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
+    """LADD's heads where the cycle has a discriminator phase; a teacher without block features
+    (its backbone kind lacks them) is refused for it."""
+    cfg = config.sana_sprint
+    if cfg.adversarial and missing_capabilities(config.teacher, [BLOCK_FEATURES]):
+        raise ValueError(f"SANA-Sprint's LADD needs the teacher's block features, which a "
+                         f"{kind_of(config.teacher).name} backbone does not have; set sana_sprint.cycle=generator "
+                         f"to distil with sCM alone")
     student, teacher = student_and_teacher(config, seeds, teacher_params)
-    heads = discriminator_for(teacher, config.sana_sprint, rngs=nnx.Rngs(seeds[2]))
+    heads = discriminator_for(teacher, cfg, rngs=nnx.Rngs(seeds[2])) if cfg.adversarial else None
     recipe, distill = sana_sprint(student, teacher, heads, null_caption_of(config, config.teacher.caption_channels),
-                                  config=config.sana_sprint,
-                                  optimizers=student_and_partner_optimizers(config, config.sana_sprint.cycle))
+                                  config=cfg, optimizers=student_and_partner_optimizers(
+                                      config, cfg.cycle, ("discriminator",) if cfg.adversarial else ()))
     return recipe, distilled_from_teacher(config, distill)
 
 
