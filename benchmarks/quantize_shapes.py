@@ -2,10 +2,10 @@
 weights cost in prompt accuracy and Fréchet distance for the memory they save.
 
 Takes a finished demo's SANA-Sprint student (`s2flash demo`), then:
-  1. sensitivity sweeps at int8 and int4: each layer group quantized alone (quantize.SENSITIVITY_GROUPS),
+  1. sensitivity sweeps at int8 and int4: each layer group quantized alone (the backbone kind's sensitivity_groups),
      the relative MSE of its 1-step latents against the float student on the held-out prompts
-  2. quantized checkpoints (`s2flash quantize`) in WORK/: int8 and int4 keeping quantize.DEFAULT_KEEP,
-     int4 keeping nothing, and int4 keeping DEFAULT_KEEP plus the --k groups the int4 sweep ranks first
+  2. quantized checkpoints (`s2flash quantize`) in WORK/: int8 and int4 keeping quantize.default_keep,
+     int4 keeping nothing, and int4 keeping those plus the --k groups the int4 sweep ranks first
   3. scores, at 1, 2 and 4 steps on the demo's held-out prompts (one sample each): the fp32 student,
      its weights rounded to bf16, and the four quantized checkpoints, sampled from disk as any
      checkpoint is (TextToImage.load: qwix's quantized matmuls)
@@ -35,7 +35,7 @@ from s2flash_jax.model_checkpoint import stored_params  # noqa: E402
 from s2flash_jax.pipeline import TextToImage  # noqa: E402
 from s2flash_jax.precision import Precision  # noqa: E402
 from s2flash_jax.quantize import (  # noqa: E402
-    DEFAULT_KEEP, layer_sensitivity, load_float_model, load_quantized, most_sensitive, param_bytes,
+    default_keep, layer_sensitivity, load_float_model, load_quantized, most_sensitive, param_bytes,
     quantize_checkpoint, relative_mse, sample)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,10 +50,10 @@ def bf16_weights(model: nnx.Module) -> nnx.Module:
     return rounded
 
 
-def variants(k: int, sensitivity_int4: dict[str, float]) -> dict[str, tuple[int, tuple[str, ...]]]:
-    """name -> (bits, keep) of the quantized checkpoints compared."""
-    selective = tuple(dict.fromkeys((*DEFAULT_KEEP, *most_sensitive(sensitivity_int4, k))))
-    return {"int8": (8, DEFAULT_KEEP), "int4-all": (4, ()), "int4": (4, DEFAULT_KEEP),
+def variants(keep: tuple[str, ...], k: int, sensitivity_int4: dict[str, float]) -> dict[str, tuple[int, tuple[str, ...]]]:
+    """name -> (bits, keep) of the quantized checkpoints compared; keep: the default kept layers."""
+    selective = tuple(dict.fromkeys((*keep, *most_sensitive(sensitivity_int4, k))))
+    return {"int8": (8, keep), "int4-all": (4, ()), "int4": (4, keep),
             "int4-selective": (4, selective)}
 
 
@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
                        "latent_relative_mse": 0.0},
               "bf16": {"bits": 16, "keep": [], "param_bytes": param_bytes(pipelines["bf16"].params),
                        "latent_relative_mse": relative_mse(sample(bf16_weights(model), inputs), reference)}}
-    for name, (bits, keep) in variants(args.k, sensitivity["int4"]).items():
+    for name, (bits, keep) in variants(default_keep(fp32.model), args.k, sensitivity["int4"]).items():
         path = work / name
         quantize_checkpoint(args.ckpt, path, bits=bits, keep=keep, force=True)
         pipelines[name] = TextToImage.load(path)

@@ -213,7 +213,7 @@ def _add_quantize_parser(commands) -> None:
     quantize.add_argument("--keep", nargs="*", default=None, metavar="PATTERN",
                           help="layers to keep in full precision: globs over layer names such as "
                                "transformer_blocks/attn1/to_q or 'time_embed/*' (or re:REGEX); each must match a "
-                               "layer. Default: the first and last layers, patch_embed/* and proj_out (quantize.DEFAULT_KEEP); "
+                               "layer. Default: the backbone's first and last layers (SANA: patch_embed/* and proj_out); "
                                "--keep with no pattern quantizes every layer")
     quantize.add_argument("--out", required=True, help="quantized model checkpoint directory to write")
     quantize.add_argument("--force", action="store_true", help="replace an existing output")

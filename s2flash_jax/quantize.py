@@ -13,7 +13,8 @@ sees) and every layer `keep` matches stay as they are. Activations stay in the c
 (weight-only: no calibration data).
 
 `keep`: glob patterns over layer names (fnmatch: `*` crosses '/'), or regexes with a `re:` prefix,
-fully matched. Each must match at least one layer. DEFAULT_KEEP is the default; see there why.
+fully matched. Each must match at least one layer. The default is the backbone kind's
+quantization_keep (SANA's: models/sana.py QUANTIZATION_KEEP; see there why).
 LoRA adapters are folded into their kernels first (the quantized model has none).
 
 Format of a quantized checkpoint (an ordinary model checkpoint directory, model_checkpoint.py):
@@ -47,7 +48,7 @@ JAX model computes; it is as large as the unquantized export.
 
 A quantized checkpoint cannot be trained from (model_checkpoint.load_params refuses it).
 
-Sensitivity: `layer_sensitivity` quantizes one group of layers at a time (SENSITIVITY_GROUPS) and
+Sensitivity: `layer_sensitivity` quantizes one group of layers at a time (the kind's sensitivity_groups) and
 measures how far the sampled latents move from the unquantized model's on fixed inputs;
 `most_sensitive` picks the groups to keep.
 """
@@ -75,7 +76,7 @@ from qwix._src.utils.flax_util import update_boxed
 from s2flash_jax.model_checkpoint import (
     CheckpointError, copy_components, extra_metadata, load_params, read_metadata, read_model_config,
     read_stored_params, save_model, stored_params)
-from s2flash_jax.models.backbone import Backbone, BackboneConfig, abstract_backbone, build_backbone
+from s2flash_jax.models.backbone import Backbone, BackboneConfig, abstract_backbone, build_backbone, kind_of
 from s2flash_jax.models.lora import merge_lora
 from s2flash_jax.outputs import OutputExists, refuse_existing_output
 from s2flash_jax.precision import FP32, Precision
@@ -87,24 +88,6 @@ QTYPES = {8: jnp.int8, 4: jnp.int4}
 METHOD = "qwix-ptq weight-only, per-channel absmax"
 KEY = "quantization"  # model.json key of a quantized checkpoint
 QVALUE, SCALE = "array/qvalue", "array/scale"  # under a quantized layer's kernel
-# The first and the last layer stay in full precision by default, as weight quantization usually
-# leaves them: patch_embed reads the latents and proj_out writes the velocity, so their error is not
-# diluted in the residual stream of the blocks; and they are tiny (in·D and D·out weights: under
-# 0.01% of SANA-Sprint 1.6B's). On the shapes student proj_out is the most sensitive group at int8
-# and int4, patch_embed among the four most (docs/quantization.md).
-DEFAULT_KEEP = ("patch_embed/*", "proj_out")
-# The groups a sensitivity sweep quantizes one at a time; each is a keep pattern. logvar_linear is
-# in none: only training reads it.
-SENSITIVITY_GROUPS = (
-    "patch_embed/*", "time_embed/timestep_embedder/*", "time_embed/guidance_embedder/*", "time_embed/linear",
-    "twin_time_embed/*", "caption_projection/*",
-    *(f"transformer_blocks/{layer}" for layer in (
-        "attn1/to_q", "attn1/to_k", "attn1/to_v", "attn1/to_out", "attn2/to_q", "attn2/to_k", "attn2/to_v",
-        "attn2/to_out", "ff/conv_inverted", "ff/conv_point")),
-    "proj_out",
-)
-
-
 class QuantizationError(CheckpointError):
     """Quantization that cannot be done as asked; the message says what is wrong."""
 
@@ -157,9 +140,15 @@ def matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
-def plan(config: BackboneConfig, bits: int, keep: Sequence[str] = DEFAULT_KEEP) -> Quantization:
-    """The Quantization of `config`'s layers at `bits`, keeping the layers `keep` matches; each
-    pattern must match a layer and at least one layer must be left to quantize."""
+def default_keep(config: BackboneConfig) -> tuple[str, ...]:
+    """The layer patterns kept in full precision unless --keep says otherwise (the backbone kind's)."""
+    return kind_of(config).quantization_keep
+
+
+def plan(config: BackboneConfig, bits: int, keep: Sequence[str] | None = None) -> Quantization:
+    """The Quantization of `config`'s layers at `bits`, keeping the layers `keep` matches (None:
+    default_keep); each pattern must match a layer and at least one layer must be left to quantize."""
+    keep = default_keep(config) if keep is None else keep
     if bits not in QTYPES:
         raise QuantizationError(f"--bits {bits}: expected one of {sorted(QTYPES, reverse=True)} (int8 or int4 weights)")
     names = layer_names(config)
@@ -328,7 +317,7 @@ class QuantizeResult:
 def quantize_checkpoint(ckpt: str | Path, out: str | Path, *, bits: int, keep: Sequence[str] | None = None,
                         force: bool = False) -> QuantizeResult:
     """`s2flash quantize`: write the quantized model of the checkpoint `ckpt` to `out` (see the module
-    docstring for the format), its components copied. keep None: DEFAULT_KEEP. `out` appears only
+    docstring for the format), its components copied. keep None: default_keep. `out` appears only
     when complete; an existing one is refused unless force."""
     ckpt, out = resolve(ckpt), resolve(out)
     extra = extra_metadata(ckpt)
@@ -336,7 +325,7 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, *, bits: int, keep: S
         raise OutputExists(f"--out {str(out)!r} is the checkpoint being quantized; write elsewhere")
     refuse_existing_output(out, force=force)  # before minutes of work; save_model checks again
     model = load_float_model(ckpt)
-    quantization = plan(model.config, bits, DEFAULT_KEEP if keep is None else tuple(keep))
+    quantization = plan(model.config, bits, None if keep is None else tuple(keep))
     params = stored_form(quantize_transformer(model, quantization), quantization)
     save_model(out, model.config, params, force=force, write_components=copy_components(ckpt),
                metadata={**extra, KEY: {**quantization.to_json(), "source": str(ckpt)}})
@@ -406,10 +395,12 @@ def relative_mse(x: jax.Array, reference: jax.Array) -> float:
 
 
 def layer_sensitivity(model: Backbone, inputs: SweepInputs, bits: int,
-                      groups: Sequence[str] = SENSITIVITY_GROUPS) -> dict[str, float]:
-    """For each group (a keep pattern) that matches a layer of the float `model`: the relative MSE of
+                      groups: Sequence[str] | None = None) -> dict[str, float]:
+    """For each group (a keep pattern; None: the backbone kind's sensitivity_groups) that matches a
+    layer of the float `model`: the relative MSE of
     the latents sampled from `inputs` with only that group quantized to `bits`, against `model`'s.
     Returns {group: relative MSE}, most sensitive first."""
+    groups = kind_of(model.config).sensitivity_groups if groups is None else groups
     names = sorted(linear_layers(model))
     reference = sample(model, inputs)
     result = {}

@@ -32,6 +32,9 @@ def test_sana_is_a_backbone_of_kind_sana():
     shapes = jax.tree.map(lambda x: (x.shape, x.dtype), nnx.state(abstract_backbone(TINY), nnx.Param))
     assert shapes == jax.tree.map(lambda x: (x.shape, x.dtype), nnx.state(model, nnx.Param))
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(abstract_backbone(TINY))))
+    x, s, caption = np.zeros((1, 8, 8, 4), np.float32), np.zeros((1,), np.float32), np.zeros((1, 8, 32), np.float32)
+    with pytest.raises(ValueError, match="SANA takes no pooled text embeddings"):
+        model(x, s, caption, None, np.ones((1,), np.float32), pooled=np.ones((1, 16), np.float32))
 
 
 def test_an_unknown_kind_or_config_class_names_the_known_ones():

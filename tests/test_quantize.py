@@ -22,7 +22,7 @@ from s2flash_jax.models.text_encoder import FrozenTextEncoder, TextEncoderConfig
 from s2flash_jax.pipeline import TextToImage
 from s2flash_jax.precision import FP32
 from s2flash_jax.quantize import (
-    DEFAULT_KEEP, QVALUE, SCALE, QuantizationError, SweepInputs, layer_names, layer_sensitivity,
+    QVALUE, SCALE, QuantizationError, SweepInputs, default_keep, layer_names, layer_sensitivity,
     load_float_model, load_quantized, most_sensitive, param_bytes, plan, quantize_checkpoint, quantize_transformer,
     qvalue_dtype, relative_mse, sample, stored_form)
 from tests.convert_fixtures import convert, save_transformer
@@ -106,7 +106,7 @@ def test_quantized_matmuls_compute_what_the_dequantized_float_model_computes():
 def test_keep_patterns_name_layers_and_bad_ones_are_refused():
     names = layer_names(CONFIG)
     assert "transformer_blocks/attn1/to_q" in names and "time_embed/guidance_embedder/linear_1" in names
-    assert set(plan(CONFIG, 8).layers) == set(names) - {"patch_embed/proj", "proj_out"}  # DEFAULT_KEEP
+    assert set(plan(CONFIG, 8).layers) == set(names) - {"patch_embed/proj", "proj_out"}  # the SANA kind's quantization_keep
     kept = plan(CONFIG, 4, keep=("transformer_blocks/attn?/to_[qk]", r"re:time_embed/(timestep|guidance)_embedder/.*"))
     assert not {n for n in kept.layers if "to_q" in n or "to_k" in n or "_embedder" in n}
     assert "time_embed/linear" in kept.layers and "transformer_blocks/attn1/to_v" in kept.layers
@@ -220,7 +220,7 @@ def test_cli_quantizes_and_names_what_is_wrong_without_writing_anything(source, 
     code, out, err = run_cli(capsys, source, "--bits", 8, "--out", tmp_path / "q8")
     assert code == 0, err
     assert "to int8 (kept: patch_embed/*, proj_out)" in out and "wrote" in out
-    assert json.loads((tmp_path / "q8" / "model.json").read_text())["quantization"]["keep"] == list(DEFAULT_KEEP)
+    assert json.loads((tmp_path / "q8" / "model.json").read_text())["quantization"]["keep"] == list(default_keep(CONFIG))
     before = sorted(p.name for p in tmp_path.iterdir())
 
     cases = [

@@ -51,7 +51,8 @@ class ToyDenoiser(nnx.Module):
         self.pixel_out = layer(d, config.in_channels, ("embed", "patch_out"), kernel_init=nnx.initializers.zeros_init())
         self.logvar = layer(d, 1, ("embed", "scalar")) if config.logvar_head else None
 
-    def __call__(self, x, s, caption, caption_mask=None, guidance=None, target_s=None, *, return_logvar=False):
+    def __call__(self, x, s, caption, caption_mask=None, guidance=None, target_s=None, *, pooled=None,
+                 return_logvar=False):
         """x: [B, H, W, C]; s: [B] or []; caption: [B, L, Cc]; returns velocity [B, H, W, C] float32."""
         s = jnp.broadcast_to(jnp.asarray(s, jnp.float32), x.shape[:1])
         mask = jnp.ones(caption.shape[:2]) if caption_mask is None else caption_mask.astype(jnp.float32)

@@ -68,10 +68,12 @@ class BackboneConfig(Protocol):
 class Backbone(Protocol):
     """A denoiser (an nnx.Module built as `kind.module(config, precision=..., rngs=...)`).
 
-    __call__(x, s, caption, caption_mask=None, guidance=None, target_s=None, *, return_logvar=False)
+    __call__(x, s, caption, caption_mask=None, guidance=None, target_s=None, *, pooled=None,
+             return_logvar=False)
       -> velocity [B, H, W, C_out] float32, and logvar [B] float32 with return_logvar=True.
       guidance: [B] the guidance input, required iff config.guidance_embeds; target_s: [B] the time
-      a twin-branch model's average velocity jumps to, required iff config.twinflow_embeds.
+      a twin-branch model's average velocity jumps to, required iff config.twinflow_embeds;
+      pooled: [B, P] pooled text embeddings, for backbones that take them (MMDiT); None elsewhere.
     block_features(x, s, caption, ..., *, block_ids) -> [[B, N, D]] token features after each block
       in block_ids (0-based), in that order; only where the kind has BLOCK_FEATURES.
     """
@@ -80,7 +82,7 @@ class Backbone(Protocol):
 
     def __call__(self, x: jax.Array, s: jax.Array, caption: jax.Array, caption_mask: jax.Array | None = None,
                  guidance: jax.Array | None = None, target_s: jax.Array | None = None, *,
-                 return_logvar: bool = False) -> Any: ...
+                 pooled: jax.Array | None = None, return_logvar: bool = False) -> Any: ...
 
     def block_features(self, x: jax.Array, s: jax.Array, caption: jax.Array,
                        caption_mask: jax.Array | None = None, guidance: jax.Array | None = None,
@@ -93,7 +95,9 @@ class BackboneKind:
     module: (config, *, precision, rngs) -> Backbone; capabilities: which of CAPABILITIES it can have;
     zeroed_in_new_student: '/'-joined parameter path prefixes a student copied from its teacher gets
     zeroed, so that at step 0 it computes exactly the teacher whatever its own inputs; lora_targets:
-    the layer names LoRA adapters may target; converters: the import path of the module converting
+    the layer names LoRA adapters may target; quantization_keep: layer patterns `s2flash quantize`
+    keeps in full precision by default; sensitivity_groups: the layer groups a quantization
+    sensitivity sweep quantizes one at a time; converters: the import path of the module converting
     it to and from diffusers ("" where there is none)."""
 
     name: str
@@ -102,6 +106,8 @@ class BackboneKind:
     capabilities: frozenset[str] = frozenset()
     zeroed_in_new_student: tuple[str, ...] = ()
     lora_targets: tuple[str, ...] = ()
+    quantization_keep: tuple[str, ...] = ()
+    sensitivity_groups: tuple[str, ...] = ()
     converters: str = ""
 
     def __post_init__(self):

@@ -345,6 +345,7 @@ class SanaTransformer(nnx.Module):
         config.guidance_embeds
       target_s: [B] the flow time the average velocity jumps to (signed like s), required iff
         config.twinflow_embeds
+      pooled: None (the Backbone protocol's pooled text embeddings; SANA has no pooled projection)
       returns [B, H, W, C_out] float32, and with return_logvar=True also logvar [B] float32.
     """
 
@@ -375,7 +376,9 @@ class SanaTransformer(nnx.Module):
 
     def __call__(self, x: jax.Array, s: jax.Array, caption: jax.Array, caption_mask: jax.Array | None = None,
                  guidance: jax.Array | None = None, target_s: jax.Array | None = None, *,
-                 return_logvar: bool = False):
+                 pooled: jax.Array | None = None, return_logvar: bool = False):
+        if pooled is not None:
+            raise ValueError("SANA takes no pooled text embeddings (pooled must be None)")
         if return_logvar and self.logvar_linear is None:
             raise ValueError("return_logvar=True needs a model built with logvar_head=True")
         h, modulation, temb, caption, grid = self._embed(x, s, caption, guidance, target_s)
@@ -455,6 +458,24 @@ class SanaTransformer(nnx.Module):
         return h
 
 
+# Quantization (quantize.py): the first and the last layer stay in full precision by default, as
+# weight quantization usually leaves them: patch_embed reads the latents and proj_out writes the
+# velocity, so their error is not diluted in the residual stream of the blocks; and they are tiny
+# (in·D and D·out weights: under 0.01% of SANA-Sprint 1.6B's). On the shapes student proj_out is the most sensitive group at int8
+# and int4, patch_embed among the four most (docs/quantization.md).
+QUANTIZATION_KEEP = ("patch_embed/*", "proj_out")
+# The groups a sensitivity sweep quantizes one at a time; each is a keep pattern. logvar_linear is
+# in none: only training reads it.
+SENSITIVITY_GROUPS = (
+    "patch_embed/*", "time_embed/timestep_embedder/*", "time_embed/guidance_embedder/*", "time_embed/linear",
+    "twin_time_embed/*", "caption_projection/*",
+    *(f"transformer_blocks/{layer}" for layer in (
+        "attn1/to_q", "attn1/to_k", "attn1/to_v", "attn1/to_out", "attn2/to_q", "attn2/to_k", "attn2/to_v",
+        "attn2/to_out", "ff/conv_inverted", "ff/conv_point")),
+    "proj_out",
+)
+
+
 # A student started from its teacher gets these of its own parameters zeroed, so that at step 0 it
 # computes exactly the teacher's velocity, whatever its guidance input. Only the guidance embedder's
 # output layer: zeroing its input layer too (diffusers' training script zeroes all four tensors)
@@ -463,4 +484,5 @@ class SanaTransformer(nnx.Module):
 # made the shapes student's 1-step Fréchet distance 132 instead of 35 (docs/teacher.md).
 BACKBONE = BackboneKind("sana", SanaConfig, SanaTransformer, capabilities=frozenset(CAPABILITIES),
                         zeroed_in_new_student=("time_embed/guidance_embedder/linear_2/",),
-                        lora_targets=LORA_TARGETS, converters="conversion.sana_diffusers")
+                        lora_targets=LORA_TARGETS, quantization_keep=QUANTIZATION_KEEP,
+                        sensitivity_groups=SENSITIVITY_GROUPS, converters="conversion.sana_diffusers")
