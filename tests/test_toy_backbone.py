@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from s2flash_jax.model_checkpoint import read_model_config
 from s2flash_jax.models.backbone import abstract_backbone
 from s2flash_jax.parallel.mesh import make_mesh
 from s2flash_jax.recipes.sana_sprint import SanaSprintConfig
+from s2flash_jax.recipes.sd35_flash import SD35FlashConfig
 from s2flash_jax.sampling import few_step_sample
 from s2flash_jax.train.health import HealthConfig
 from s2flash_jax.train.loop import train
@@ -86,9 +88,16 @@ def test_scm_distils_the_toy_and_the_new_student_starts_as_its_teacher(dataset, 
         assert latents.shape == noise.shape and bool(jnp.isfinite(latents).all())
 
 
-def test_ladd_on_a_backbone_without_block_features_is_refused(dataset):
-    config = toy_config(dataset, recipe="sana_sprint", model=STUDENT, teacher=TEACHER,
-                        train=dataclasses.replace(RUN, teacher_checkpoint="random"))
-    with pytest.raises(ConfigError, match=r"LADD needs the teacher's block features, which a toy backbone does not "
-                                          r"have; set sana_sprint.cycle=generator"):
+@pytest.mark.parametrize("recipe, message", [
+    ("sana_sprint", "SANA-Sprint's LADD needs the teacher's block features, which a toy backbone does not have; "
+                    "set sana_sprint.cycle=generator"),
+    ("s2flash", "S2-Flash's discriminator needs the teacher's block features"),
+    ("sd35_flash", "SD3.5-Flash's stage-2 adversary needs the teacher's block features, which a toy backbone does "
+                   "not have; set sd35_flash.adversarial_weight=0"),
+])
+def test_an_adversary_on_a_backbone_without_block_features_is_refused(dataset, recipe, message):
+    config = toy_config(dataset, recipe=recipe, model=STUDENT, teacher=TEACHER,
+                        train=dataclasses.replace(RUN, teacher_checkpoint="random"),
+                        sd35_flash=SD35FlashConfig(adversarial_weight=0.5))
+    with pytest.raises(ConfigError, match=re.escape(message)):
         create_train_state(config, make_mesh(config.mesh))

@@ -18,7 +18,8 @@ from flax import nnx
 
 from s2flash_jax.flows.trigflow import SIGMA_DATA, flow_input, scm_timesteps, trigflow_from_flow_matching
 from s2flash_jax.losses.scm import SCMConfig
-from s2flash_jax.models.backbone import Backbone, BackboneConfig, build_backbone, kind_of
+from s2flash_jax.models.backbone import (
+    BLOCK_FEATURES, Backbone, BackboneConfig, build_backbone, kind_of, missing_capabilities)
 from s2flash_jax.models.discriminator import ConvDiscriminatorHeads
 from s2flash_jax.recipes.base import DistillState, phase_count
 from s2flash_jax.train.optim import optimizer, optimizer_from_config
@@ -120,6 +121,14 @@ def check_student_and_teacher(student: Backbone, teacher: Backbone, scm: SCMConf
     if scm.sigma_data != SIGMA_DATA:
         problems.append(f"sigma_data={scm.sigma_data}: the TrigFlow wrapper of a flow teacher assumes {SIGMA_DATA}")
     return problems
+
+
+def require_block_features(teacher: BackboneConfig, what: str, remedy: str) -> None:
+    """ValueError, in one line, for an adversary on the teacher's block features (`what`) when the
+    teacher's backbone kind has none; `remedy` says how to run without it."""
+    if missing_capabilities(teacher, [BLOCK_FEATURES]):
+        raise ValueError(f"{what} needs the teacher's block features, which a {kind_of(teacher).name} backbone "
+                         f"does not have; {remedy}")
 
 
 def step_schedule(steps: int, shift: float) -> tuple[float, ...]:

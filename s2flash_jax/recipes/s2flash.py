@@ -60,8 +60,8 @@ from s2flash_jax.models.discriminator import ConvDiscriminatorHeads
 from s2flash_jax.recipes.base import DistillState, Phase, Recipe
 from s2flash_jax.recipes.common import (
     TrigFlowNetworks, check_student_and_teacher, conv_discriminator_for, distilled_from_teacher, null_caption_batch,
-    null_caption_of, phase_updates_before, reference_optimizer, step_schedule, student_and_partner_optimizers,
-    student_and_teacher, teacher_block_features)
+    null_caption_of, phase_updates_before, reference_optimizer, require_block_features, step_schedule,
+    student_and_partner_optimizers, student_and_teacher, teacher_block_features)
 from s2flash_jax.recipes.registry import DemoEntry, RecipeEntry
 
 STEP_COUNTS = (1, 2, 4, 5, 8)
@@ -295,6 +295,8 @@ def s2flash(student: Backbone, teacher: Backbone, discriminator: ConvDiscriminat
 
 def build(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
     """The step set is placed by sample.flow_shift, so the student trains at the times it is sampled at."""
+    require_block_features(config.teacher, "S2-Flash's discriminator", "distil with sana_sprint "
+                                                                        "(sana_sprint.cycle=generator) instead")
     student, teacher = student_and_teacher(config, seeds, teacher_params)
     heads = conv_discriminator_for(teacher.config, config.s2flash, rngs=nnx.Rngs(seeds[2]))
     recipe, distill = s2flash(student, teacher, heads, null_caption_of(config, config.teacher.caption_channels),

@@ -28,12 +28,12 @@ from flax import nnx
 from s2flash_jax.flows.trigflow import consistency_fn, flow_input, noised
 from s2flash_jax.losses import ladd
 from s2flash_jax.losses.scm import SCMConfig, sample_guidance_scales, scm_loss
-from s2flash_jax.models.backbone import BLOCK_FEATURES, Backbone, kind_of, missing_capabilities
+from s2flash_jax.models.backbone import Backbone
 from s2flash_jax.models.discriminator import DiscriminatorHeads
 from s2flash_jax.recipes.base import DistillState, Phase, Recipe
 from s2flash_jax.recipes.common import (
     TrigFlowNetworks, check_student_and_teacher, distilled_from_teacher, null_caption_of, reference_optimizer,
-    student_and_partner_optimizers, student_and_teacher)
+    require_block_features, student_and_partner_optimizers, student_and_teacher)
 from s2flash_jax.recipes.registry import DemoEntry, RecipeEntry
 
 
@@ -189,10 +189,9 @@ def build(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
     """LADD's heads where the cycle has a discriminator phase; a teacher without block features
     (its backbone kind lacks them) is refused for it."""
     cfg = config.sana_sprint
-    if cfg.adversarial and missing_capabilities(config.teacher, [BLOCK_FEATURES]):
-        raise ValueError(f"SANA-Sprint's LADD needs the teacher's block features, which a "
-                         f"{kind_of(config.teacher).name} backbone does not have; set sana_sprint.cycle=generator "
-                         f"to distil with sCM alone")
+    if cfg.adversarial:
+        require_block_features(config.teacher, "SANA-Sprint's LADD", "set sana_sprint.cycle=generator to distil "
+                                                                     "with sCM alone")
     student, teacher = student_and_teacher(config, seeds, teacher_params)
     heads = discriminator_for(teacher, cfg, rngs=nnx.Rngs(seeds[2])) if cfg.adversarial else None
     recipe, distill = sana_sprint(student, teacher, heads, null_caption_of(config, config.teacher.caption_channels),

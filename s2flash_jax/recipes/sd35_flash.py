@@ -66,8 +66,8 @@ from s2flash_jax.models.discriminator import ConvDiscriminatorHeads
 from s2flash_jax.recipes.base import DistillState, Phase, Recipe
 from s2flash_jax.recipes.common import (
     TrigFlowNetworks, check_student_and_teacher, conv_discriminator_for, distilled_from_teacher, null_caption_of,
-    phase_updates_before, reference_optimizer, step_schedule, student_and_partner_optimizers, student_and_teacher,
-    teacher_block_features)
+    phase_updates_before, reference_optimizer, require_block_features, step_schedule, student_and_partner_optimizers,
+    student_and_teacher, teacher_block_features)
 from s2flash_jax.recipes.registry import DemoEntry, RecipeEntry
 
 
@@ -385,6 +385,9 @@ def sd35_flash(student: Backbone, teacher: Backbone, null_caption: jax.Array,
 def build(config, seeds, teacher_params) -> tuple[Recipe, DistillState]:
     """The step set is placed by sample.flow_shift, as S2-Flash's; the fake score starts as the teacher."""
     cfg = config.sd35_flash
+    if cfg.adversarial:
+        require_block_features(config.teacher, "SD3.5-Flash's stage-2 adversary", "set "
+                               "sd35_flash.adversarial_weight=0 to train by distribution matching alone")
     student, teacher = student_and_teacher(config, seeds, teacher_params)
     heads = conv_discriminator_for(teacher.config, cfg, rngs=nnx.Rngs(seeds[2])) if cfg.adversarial else None
     partners = ("fake_score", "discriminator") if cfg.adversarial else ("fake_score",)
