@@ -12,6 +12,7 @@ import sys
 
 import jax
 
+from s2flash_jax.arguments import OneLineParser, count, real
 from s2flash_jax.config import ConfigError, load_config
 from s2flash_jax.data.precompute import add_precompute_arguments, run_precompute
 from s2flash_jax.eval.run import add_eval_arguments
@@ -21,6 +22,11 @@ from s2flash_jax.storage import StorageError, resolve
 from s2flash_jax.train.metrics import DEVICE_MEMORY
 
 
+# `plan` simulates every device of the slice as a CPU device of this one process: 100,000 of them
+# hung without a word, so the count is bounded (a v5p-8192 slice has 4096 chips).
+MAX_PLAN_DEVICES = 4096
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="config file, optionally with a variant: configs/tiny.py[:ARG]")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -28,7 +34,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="s2flash", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="s2flash", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     sample = commands.add_parser(
@@ -45,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--ckpt", help="model checkpoint directory (e.g. runs/shapes-demo/student/model)")
     sample.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     sample.add_argument("--prompts-file", help="a text file with one prompt per line")
-    sample.add_argument("--steps", type=int, default=1, help="sampling steps (with --ckpt; default 1)")
+    sample.add_argument("--steps", type=count(1), default=1, help="sampling steps (with --ckpt; default 1)")
     sample.add_argument("--seed", type=int, default=0, help="noise seed (with --ckpt)")
-    sample.add_argument("--guidance-scale", type=float, default=None,
+    sample.add_argument("--guidance-scale", type=real(0.0), default=None,
                         help="override the checkpoint's guidance scale (with --ckpt; default: the checkpoint's, else "
                              "4.5 as SanaSprintPipeline)")
     sample.add_argument("--text-encoder", default=None, metavar="PATH",
@@ -55,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "tokenizer.json) or a diffusers pipeline folder (text_encoder/ + tokenizer/)")
     sample.add_argument("--vae", default=None, metavar="PATH",
                         help="(with --ckpt) SANA's DC-AE: a diffusers AutoencoderDC folder or a pipeline folder (vae/)")
-    sample.add_argument("--batch-size", type=int, default=None, metavar="N",
+    sample.add_argument("--batch-size", type=count(1), default=None, metavar="N",
                         help="(with --ckpt) prompts per compiled batch, the last one padded; rounded up to a multiple "
                              "of the device count (default: 256 with the checkpoint's own text encoder, else one per "
                              "device)")
@@ -80,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "keeping its step: train.steps stays the global total and must be above it; the config "
                             "may differ only in resumable keys, sd35_flash.step_range and seed. For the branches of "
                             "split-timestep fine-tuning, see docs/sd35_flash.md")
-    train.add_argument("--stop-after", type=int, default=None, metavar="N",
+    train.add_argument("--stop-after", type=count(1), default=None, metavar="N",
                        help="end this invocation after N updates with a checkpoint (a preemption drill)")
     train.add_argument("--export", default=None, metavar="CKPT",
                        help="when the run is complete, write its product (EMA if kept) as a model checkpoint here, "
@@ -117,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--mesh", default="", metavar="data=..,fsdp=..,tensor=..",
                       help="mesh axis sizes (one may be -1); unset axes keep the config's")
     plan.add_argument("--device-kind", required=True, choices=sorted(DEVICE_MEMORY))
-    plan.add_argument("--devices", type=int, required=True, help="number of devices of the target slice")
+    plan.add_argument("--devices", type=count(1, MAX_PLAN_DEVICES), required=True,
+                      help=f"number of devices of the target slice (at most {MAX_PLAN_DEVICES}, simulated on CPU)")
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object (bytes per device)")
 
     demo = commands.add_parser(
@@ -176,7 +183,7 @@ def _add_export_parser(commands) -> None:
     export.add_argument("run_dir", help="the run directory (`s2flash train --out`)")
     export.add_argument("--model", default=None, metavar="CKPT", help="model checkpoint directory to write")
     export.add_argument("--diffusers", default=None, metavar="DIR", help="diffusers folder to write")
-    export.add_argument("--step", type=int, default=None, help="the checkpoint step to export (default: the newest)")
+    export.add_argument("--step", type=count(0), default=None, help="the checkpoint step to export (default: the newest)")
     export.add_argument("--components-from", default=None, metavar="CKPT",
                         help="model checkpoint whose text encoder / autoencoder the export carries (default: the "
                              "run's train.teacher_checkpoint, when it has them)")
@@ -239,7 +246,7 @@ def _add_merge_parser(commands) -> None:
                     "quantized) and of one architecture; the output carries the first one's components. See "
                     "docs/sd35_flash.md.")
     merge.add_argument("ckpts", nargs="+", metavar="CKPT", help="model checkpoint directories to merge")
-    merge.add_argument("--weights", nargs="+", type=float, default=None, metavar="W",
+    merge.add_argument("--weights", nargs="+", type=real(), default=None, metavar="W",
                        help="one non-negative weight per checkpoint, summing to 1 (default: equal weights)")
     merge.add_argument("--out", required=True, metavar="CKPT", help="merged model checkpoint directory to write")
     merge.add_argument("--force", action="store_true", help="replace an existing output")
@@ -434,8 +441,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.config is None:
             raise ConfigError(f"{args.command}: --config (or, for sample, --ckpt) is required")
         if args.command == "plan":
-            if args.devices < 1:
-                raise ConfigError(f"--devices {args.devices} must be >= 1")
             # Must happen before JAX starts a backend: the plan runs on fake CPU devices only.
             jax.config.update("jax_platforms", "cpu")
             jax.config.update("jax_num_cpu_devices", args.devices)

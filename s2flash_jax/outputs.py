@@ -25,6 +25,27 @@ class OutputExists(FileExistsError):
     pass
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it where the OS says it (os.umask sets it, and
+    another thread writing in between would get the wrong mode)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def as_umask_allows(path: PathLike, *, directory: bool) -> None:
+    """Give a staged output the mode a plain mkdir / open would have (tempfile makes them private:
+    0700 / 0600), so that teammates on a shared cluster can read checkpoints and samples as their
+    umask allows."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def refuse_existing_output(path: PathLike, *, force: bool) -> None:
     """OutputExists if `path` is a file or a non-empty directory and not force. Commands call it before
     long work too, so a refusal comes first, not after minutes of reading or quantizing."""
@@ -46,6 +67,7 @@ def fresh_output_dir(path: PathLike, *, force: bool, last: tuple[str, ...] = ())
     if not remote:
         path.parent.mkdir(parents=True, exist_ok=True)
     staging = epath.Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=None if remote else path.parent))
+    as_umask_allows(staging, directory=True)
     uploading = False
     try:
         yield staging
@@ -81,6 +103,7 @@ def fresh_output_file(path: PathLike, *, force: bool) -> Iterator[epath.Path]:
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix=path.suffix,
                                     dir=None if remote else path.parent)
     os.close(handle)
+    as_umask_allows(name, directory=False)
     staging = epath.Path(name)
     try:
         yield staging

@@ -2,6 +2,8 @@
 are kept as they are, and what cannot be used is refused in one line before any work."""
 
 import importlib.util
+import os
+import stat
 
 import pytest
 from flax import nnx
@@ -9,7 +11,7 @@ from flax import nnx
 from s2flash_jax.config import load_config
 from s2flash_jax.model_checkpoint import read_model_config, save_model, stored_params
 from s2flash_jax.models.sana import SanaTransformer
-from s2flash_jax.outputs import OutputExists, fresh_output_dir
+from s2flash_jax.outputs import OutputExists, fresh_output_dir, fresh_output_file
 from s2flash_jax import storage
 from s2flash_jax.storage import StorageError, is_remote, resolve
 from tests.conftest import REPO
@@ -57,3 +59,20 @@ def test_a_failed_output_leaves_nothing_behind(tmp_path):
         (staging / "half").write_text("x")
         raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask, directory_mode, file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)],
+                         ids=["umask 022", "umask 077"])
+def test_outputs_are_created_as_the_umask_allows(tmp_path, umask, directory_mode, file_mode):
+    """Staging through tempfile made every output 0700 / 0600: unreadable by a teammate on a shared cluster."""
+    config = load_config(f"{REPO}/configs/tiny.py").model
+    previous = os.umask(umask)
+    try:
+        save_model(tmp_path / "ckpt", config, nnx.state(SanaTransformer(config, rngs=nnx.Rngs(0)), nnx.Param))
+        with fresh_output_file(tmp_path / "grid.png", force=False) as staging:
+            staging.write_bytes(b"png")
+    finally:
+        os.umask(previous)
+    written = [tmp_path / "grid.png", *(tmp_path / "ckpt").rglob("*"), tmp_path / "ckpt"]
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in written}
+    assert modes == {name: directory_mode if (tmp_path / name).is_dir() else file_mode for name in modes}

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from s2flash_jax.arguments import count
 from s2flash_jax.data.captions import SANA_CHI_PROMPT, tokenize_captions
 from s2flash_jax.data.records import (
     FLOAT_DTYPES,
@@ -459,11 +460,11 @@ def add_precompute_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-encoder", required=True, metavar="PATH",
                         help="folder with a transformers tokenizer + text encoder, e.g. Gemma-2 "
                              "(or a pipeline folder with text_encoder/ and tokenizer/)")
-    parser.add_argument("--resolution", required=True, type=int, help="square training resolution in pixels")
+    parser.add_argument("--resolution", required=True, type=count(1), help="square training resolution in pixels")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder for the shards")
-    parser.add_argument("--caption-length", type=int, default=300, help="caption tokens kept (default 300, SANA's)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images encoded at once (default 8)")
-    parser.add_argument("--records-per-shard", type=int, default=1024, help="records per ArrayRecord file")
+    parser.add_argument("--caption-length", type=count(1), default=300, help="caption tokens kept (default 300, SANA's)")
+    parser.add_argument("--batch-size", type=count(1), default=8, help="images encoded at once (default 8)")
+    parser.add_argument("--records-per-shard", type=count(1), default=1024, help="records per ArrayRecord file")
     parser.add_argument("--chi-prompt", action=argparse.BooleanOptionalAction, default=True,
                         help="prepend SANA's complex human instruction to captions (default on, as SANA trains)")
     parser.add_argument("--backend", default="torch", choices=BACKENDS,

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from s2flash_jax import arguments
 from s2flash_jax.config import ConfigError
 from s2flash_jax.data.precompute import IMAGE_EXTENSIONS
 from s2flash_jax.eval import export as prompt_sets
@@ -276,17 +277,17 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt set: mjhq (MJHQ-30K's meta_data.json), geneval (GenEval's "
                              "evaluation_metadata.jsonl) or file (one prompt per line), read from --prompts-path")
     parser.add_argument("--prompts-path", metavar="PATH", help="the local prompt set file (nothing is downloaded)")
-    parser.add_argument("--limit", type=int, default=None, metavar="N",
+    parser.add_argument("--limit", type=arguments.count(1), default=None, metavar="N",
                         help="use N prompts spread evenly through the set (a quick run)")
     parser.add_argument("--steps", default="1,2,4", help="comma-separated step counts (default 1,2,4)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    parser.add_argument("--images-per-prompt", type=int, default=None, metavar="K",
+    parser.add_argument("--images-per-prompt", type=arguments.count(1), default=None, metavar="K",
                         help="images per prompt (default: 4 for geneval, as GenEval scores them, else 1)")
-    parser.add_argument("--batch-size", type=int, default=None, metavar="N", help="prompts per generation batch")
-    parser.add_argument("--chunk", type=int, default=EvalOptions.chunk, metavar="N",
+    parser.add_argument("--batch-size", type=arguments.count(1), default=None, metavar="N", help="prompts per generation batch")
+    parser.add_argument("--chunk", type=arguments.count(1), default=EvalOptions.chunk, metavar="N",
                         help=f"images generated, scored and written at a time (default {EvalOptions.chunk}); image "
                              "i's noise depends on the seed, i and N")
-    parser.add_argument("--guidance-scale", type=float, default=None, help="override the checkpoint's guidance scale")
+    parser.add_argument("--guidance-scale", type=arguments.real(0.0), default=None, help="override the checkpoint's guidance scale")
     parser.add_argument("--text-encoder", default=None, metavar="PATH", help="as for `s2flash sample --ckpt`")
     parser.add_argument("--vae", default=None, metavar="PATH", help="as for `s2flash sample --ckpt`")
     parser.add_argument("--inception", metavar="WEIGHTS",
