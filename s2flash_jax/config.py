@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from s2flash_jax.data.pipeline import DataConfig
-from s2flash_jax.models.backbone import DEFAULT_KIND, BackboneConfig, backbone_kind, kind_of
+from s2flash_jax.models.backbone import BackboneConfig, architecture_class, architecture_to_json, kind_of
 from s2flash_jax.parallel.mesh import MeshConfig
 from s2flash_jax.precision import Precision
 from s2flash_jax.recipes.registry import recipe_entries
@@ -221,11 +221,11 @@ RUN_CONFIG = "config.json"  # a run directory's resolved config (train/loop.py w
 def config_to_json(config: Config) -> dict[str, Any]:
     """The JSON object of `config` (a run directory's config.json): its dataclasses as objects,
     tuples as lists, and each architecture with its backbone kind ("kind")."""
-    data = json.loads(json.dumps(dataclasses.asdict(config)))
+    data = dataclasses.asdict(config)
     for key in ("model", "teacher"):
         if getattr(config, key) is not None:
-            data[key] = {"kind": kind_of(getattr(config, key)).name, **data[key]}
-    return data
+            data[key] = architecture_to_json(getattr(config, key))
+    return json.loads(json.dumps(data))
 
 
 def config_from_json(data: dict[str, Any]) -> Config:
@@ -268,10 +268,7 @@ def _value_from_json(field_type: Any, value: Any, where: str) -> Any:
         return None
     for t in allowed:
         if t is BackboneConfig:  # the kind says which architecture; none recorded: an older run's SANA
-            if not isinstance(value, dict):
-                raise TypeError(f"{where.rstrip('.')} should be an object, got {value!r}")
-            fields = dict(value)
-            return _dataclass_from_json(backbone_kind(fields.pop("kind", DEFAULT_KIND)).config_class, fields, where)
+            return _dataclass_from_json(*architecture_class(value, where.rstrip(".")), where)
         if dataclasses.is_dataclass(t):
             return _dataclass_from_json(t, value, where)
         if typing.get_origin(t) in (tuple, collections.abc.Sequence) and isinstance(value, list):

@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from s2flash_jax.models.backbone import BackboneConfig, architecture_from_json, architecture_to_json
+from s2flash_jax.models.backbone import BackboneConfig, architecture_from_json, architecture_to_json, kind_of
 from s2flash_jax.outputs import fresh_output_dir
 from s2flash_jax.storage import PathLike, local_copy, resolve
 
@@ -117,8 +117,8 @@ def check_architecture(path: PathLike, expected: BackboneConfig, ignoring: Seque
     from execution keys and the keys `ignoring`), or the kinds of model when they differ."""
     saved = read_model_config(path)
     if type(saved) is not type(expected):
-        raise CheckpointError(f"model checkpoint {path} holds a {architecture_to_json(saved)['kind']} model; "
-                              f"expected a {architecture_to_json(expected)['kind']} model")
+        raise CheckpointError(f"model checkpoint {path} holds a {kind_of(saved).name} model; "
+                              f"expected a {kind_of(expected).name} model")
     skipped = (*type(expected).EXECUTION_KEYS, *ignoring)
     differing = [f"{f.name}={getattr(saved, f.name)!r} (expected {getattr(expected, f.name)!r})"
                  for f in dataclasses.fields(expected)

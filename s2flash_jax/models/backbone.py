@@ -170,13 +170,20 @@ def architecture_to_json(config: Any) -> dict[str, Any]:
     return {"kind": kind_of(config).name, **dataclasses.asdict(config)}
 
 
-def architecture_from_json(data: Mapping[str, Any]) -> Any:
-    """The architecture config architecture_to_json wrote; without "kind" (written before kinds were
-    recorded) it is DEFAULT_KIND's. ValueError / TypeError name what does not fit."""
+def architecture_class(data: Any, where: str = "a model architecture") -> tuple[type, dict[str, Any]]:
+    """(config class, its field values) of an architecture as architecture_to_json wrote it; without
+    "kind" (written before kinds were recorded) it is DEFAULT_KIND's. `where` names it in errors."""
     if not isinstance(data, Mapping):
-        raise TypeError(f"a model architecture should be a JSON object, got {data!r}")
+        raise TypeError(f"{where} should be a JSON object, got {data!r}")
     fields = dict(data)
-    return backbone_kind(fields.pop("kind", DEFAULT_KIND)).config_class(**fields)
+    return backbone_kind(fields.pop("kind", DEFAULT_KIND)).config_class, fields
+
+
+def architecture_from_json(data: Mapping[str, Any]) -> Any:
+    """The architecture config architecture_to_json wrote (see architecture_class). ValueError /
+    TypeError name what does not fit."""
+    config_class, fields = architecture_class(data)
+    return config_class(**fields)
 
 
 def missing_capabilities(config: Any, needed: Sequence[str]) -> list[str]:
